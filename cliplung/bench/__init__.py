@@ -1,0 +1,1 @@
+"""Benchmarks behind `cliplung bench`: model, ingest, train, tune, predict."""

@@ -9,12 +9,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from cliplung.config import Config, ConfigError, load_config
 from cliplung.data.dicom import DicomError
 from cliplung.data.prepare import PrepareError
 from cliplung.data.store import StoreError
+from cliplung.evaluate.cli import register as register_evaluate
 from cliplung.storage import StorageError
+from cliplung.tune.cli import register as register_tune
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -162,6 +165,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         bench_ingest(args.data, batch=args.batch, epochs=args.steps, as_json=args.json)
         return EXIT_OK
+    if args.what == "predict":
+        from cliplung.bench.predict import bench_predict
+
+        bench_predict(args.preset, batch=args.batch, data=None, as_json=True)
+        return EXIT_OK
     if args.what == "train":
         from cliplung.bench.train import bench_train
 
@@ -176,6 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from cliplung.data.prepare import prepare_store
     from cliplung.data.store import NoduleStore
+    from cliplung.evaluate.evaluate import evaluate
     from cliplung.train.trainer import train
 
     config = load_config(
@@ -191,22 +200,28 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         NoduleStore.open(config.data.store)
-        print(f"[1/2] phantom store {config.data.store} exists, reusing it", flush=True)
+        print(f"[1/3] phantom store {config.data.store} exists, reusing it", flush=True)
     except StoreError:
         print(
-            f"[1/2] building the phantom store at {config.data.store} (simulated intensities on real "
+            f"[1/3] building the phantom store at {config.data.store} (simulated intensities on real "
             "LIDC-IDRI contours and ratings)",
             flush=True,
         )
-        summary = prepare_store(config, config.data.store, overwrite=True)
-        print(summary.format(), flush=True)
+        print(prepare_store(config, config.data.store, overwrite=True).format(), flush=True)
     print(
-        f"[2/2] training {config.name}: debug preset, {config.train.workers} CPU workers, "
+        f"[2/3] training {config.name}: debug preset, {config.train.workers} CPU workers, "
         f"{config.train.epochs} epochs",
         flush=True,
     )
-    result = train(config)
-    print(result.format())
+    print(train(config).format(), flush=True)
+    print(f"[3/3] evaluating the best checkpoint (chosen on validation) on test fold {config.data.test_fold}")
+    result = evaluate(config.name, config.data.store, storage=config.storage.path, out_dir=args.report)
+    keys = ("accuracy", "macro_f1", "auc", "ece")
+    print(
+        "test metrics (phantom data, not LIDC results): "
+        + ", ".join(f"{k}={result[k]:.4f}" for k in keys if isinstance(result.get(k), float))
+    )
+    print(f"report: {Path(args.report).resolve() / 'report.html'}")
     print(f"quickstart finished in {time.perf_counter() - start:.0f}s")
     return EXIT_OK
 
@@ -246,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", help="benchmarks: model, ingest, train")
-    p.add_argument("what", choices=["model", "ingest", "train"])
+    register_tune(sub)
+    register_evaluate(sub)
+
+    p = sub.add_parser("bench", help="benchmarks: model, ingest, train, predict")
+    p.add_argument("what", choices=["model", "ingest", "train", "predict"])
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -260,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="stores/phantom")
     p.add_argument("--storage", default="runs")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--report", default="reports/quickstart", help="evaluation report directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_quickstart)
     return parser

@@ -1,0 +1,227 @@
+"""Subcommands ``evaluate``, ``cv``, ``compare`` and ``predict`` of the ``cliplung`` command.
+
+``cliplung.cli`` calls :func:`register` with its subparsers. Every handler parses, calls one
+function, prints, and returns an exit code: 0 success, 1 the work failed (e.g. a split leak),
+2 bad input (config, checkpoint, store, DICOM, arguments). Heavy imports (torch, Ray, DeepSpeed)
+happen inside the handlers, so ``cliplung --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+__all__ = ["register"]
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+_BAD_INPUT = {"ConfigError", "CheckpointError", "PredictError", "StoreError", "DicomError", "StorageError"}
+
+
+def _guarded(name: str, handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the known error types into a one-line message and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except Exception as exc:
+            kind = type(exc).__name__
+            if kind in _BAD_INPUT:
+                print(f"cliplung {name}: error: {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            if kind == "SplitLeakError":
+                print(f"cliplung {name}: split leak: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            raise
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def _bad(command: str, message: str) -> int:
+    print(f"cliplung {command}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cliplung.evaluate.evaluate import evaluate
+
+    result = evaluate(
+        args.run or args.checkpoint,
+        args.data,
+        fold=args.fold,
+        out_dir=args.out,
+        endpoint=args.storage_endpoint,
+        storage=args.storage if args.run else None,
+    )
+    shown = {
+        k: result.get(k)
+        for k in ("checkpoint", "fold", "held_out", "n", "accuracy", "macro_f1", "auc", "ece")
+    }
+    print(json.dumps(shown, indent=2))
+    print(f"report: {args.out}/report.html")
+    return EXIT_OK
+
+
+def _cv_config(args: argparse.Namespace):
+    from cliplung.config import load_config
+
+    overrides = [f"data.store={args.data}", f"storage.path={args.storage}"]
+    if args.storage_endpoint:
+        overrides.append(f"storage.endpoint={args.storage_endpoint}")
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    return load_config(args.config, [*overrides, *args.set])
+
+
+def _folds(text: str) -> int | list[int]:
+    """``5`` (folds 0..4) or ``0,2`` (those folds)."""
+    try:
+        if "," in text:
+            return [int(v) for v in text.split(",") if v.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fold count or a comma-separated list, got {text!r}"
+        ) from None
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from cliplung.evaluate.cv import cross_validate
+
+    config = _cv_config(args)
+    table = cross_validate(config, args.folds, address=args.address, out_dir=args.out, parallel=args.parallel)
+    print(table.to_markdown())
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cliplung.evaluate.cv import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        return _bad("compare", "--methods: name at least one method")
+    config = _cv_config(args)
+    table = compare(
+        config, args.folds, methods, out_dir=args.out, address=args.address, parallel=args.parallel
+    )
+    print(table.to_markdown())
+    print(f"table: {args.out}/compare_summary.md, chart: {args.out}/compare_summary.png")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if bool(args.dicom_dir) == bool(args.data):
+        return _bad(
+            "predict", "give either --dicom-dir SERIES --center X,Y,Z or --data STORE --out FILE.parquet"
+        )
+    if args.dicom_dir:
+        if not args.center:
+            return _bad("predict", "--dicom-dir needs --center X,Y,Z")
+        from cliplung.evaluate.predict import predict_dicom
+
+        print(
+            json.dumps(
+                predict_dicom(args.checkpoint, args.dicom_dir, ",".join(args.center), units=args.units),
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    if not args.out:
+        return _bad("predict", "--data needs --out FILE.parquet")
+    from cliplung.evaluate.predict import predict_store
+
+    summary = predict_store(
+        args.checkpoint,
+        args.data,
+        args.out,
+        address=args.address,
+        endpoint=args.storage_endpoint,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+    )
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def _add_cv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", default="debug", help="preset (debug, paper) or YAML/JSON file (default debug)"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--data", required=True, help="nodule store (directory or s3://bucket/prefix)")
+    p.add_argument(
+        "--folds", type=_folds, default=5, help="fold count (0..n-1) or a list, e.g. 0,2 (default 5)"
+    )
+    p.add_argument("--storage", default="runs", help="run storage (directory or s3://bucket/prefix)")
+    p.add_argument("--storage-endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
+    p.add_argument(
+        "--name", help="base run name; fold k trains as NAME-fold<k> (compare: NAME-<method>-fold<k>)"
+    )
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument(
+        "--parallel", type=int, default=1, help="folds trained at once, each a Ray task (default 1)"
+    )
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else an embedded Ray)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``evaluate``, ``cv``, ``compare`` and ``predict`` to the ``cliplung`` subparsers."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score the held-out test fold: metrics.json + HTML report (ROC, calibration, Grad-CAM)",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run name under --storage: its best checkpoint by validation metric")
+    which.add_argument("--checkpoint", help="model.pt, a checkpoint directory, or a run directory")
+    p.add_argument("--data", required=True, help="nodule store (directory or s3://bucket/prefix)")
+    p.add_argument("--fold", type=int, help="fold to score (default: the checkpoint's data.test_fold)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--storage", default="runs", help="run storage of --run (default runs)")
+    p.add_argument("--storage-endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
+    p.set_defaults(func=_guarded("evaluate", cmd_evaluate))
+
+    p = subparsers.add_parser("cv", help="k-fold cross-validation: train and evaluate every fold")
+    _add_cv_args(p)
+    p.add_argument("--out", help="report directory (default reports/<name>)")
+    p.set_defaults(func=_guarded("cv", cmd_cv))
+
+    p = subparsers.add_parser(
+        "compare", help="cross-validate several methods on the same folds; table + chart"
+    )
+    _add_cv_args(p)
+    p.add_argument("--methods", default="ce,coop,cocoop,cliplung", help="comma-separated (default all four)")
+    p.add_argument("--out", required=True, help="directory for the table, chart and per-run reports")
+    p.set_defaults(func=_guarded("compare", cmd_compare))
+
+    p = subparsers.add_parser(
+        "predict", help="class probabilities: one nodule of a DICOM series, or a whole store to Parquet"
+    )
+    p.add_argument("--checkpoint", required=True, help="model.pt, a checkpoint directory, or a run directory")
+    p.add_argument("--dicom-dir", help="directory of one CT series (*.dcm)")
+    p.add_argument(
+        "--center",
+        nargs="+",
+        metavar="X,Y,Z",
+        help="nodule centre (mm in patient space, or voxels with --units voxel): X,Y,Z or X Y Z; "
+        "negative values: --center=-61.5,-150.2,-122.5 or --center -61.5 -150.2 -122.5",
+    )
+    p.add_argument("--units", choices=["mm", "voxel"], default="mm", help="units of --center (default mm)")
+    p.add_argument("--data", help="nodule store to score entirely")
+    p.add_argument("--out", help="Parquet file for --data")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=1, help="model actors of the Ray Data pipeline")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else an embedded Ray)")
+    p.add_argument("--storage-endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
+    p.set_defaults(func=_guarded("predict", cmd_predict))

@@ -1,2 +1,3 @@
 """CLIP-Lung on Ray."""
+
 __version__ = "0.1.0"

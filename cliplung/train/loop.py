@@ -17,10 +17,12 @@ One loop for 1 CPU worker, 2 CPU workers (gloo) and N GPUs (nccl):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,8 +85,20 @@ def _optimizer(config: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def _say(line: str) -> None:
+    """One line to the driver's console. Written to stdout directly: Ray Train V2 patches
+    ``print`` on workers to also feed its structured log, and the driver then shows it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _fault_marker(config: Config) -> Path:
-    return Path(tempfile.gettempdir()) / f"cliplung-fault-{config.name}-{config.train.fail_at_step}"
+    """Where the injected fault remembers that it fired (the restarted worker must not fire again);
+    keyed by run storage, name and step, and removed when the run finishes."""
+    key = hashlib.sha256(
+        f"{config.storage.path}|{config.name}|{config.train.fail_at_step}".encode()
+    ).hexdigest()
+    return Path(tempfile.gettempdir()) / f"cliplung-fault-{key[:16]}"
 
 
 def _maybe_inject_fault(config: Config, rank: int, global_step: int) -> None:
@@ -99,7 +113,7 @@ def _maybe_inject_fault(config: Config, rank: int, global_step: int) -> None:
     # that dies sooner takes its last report with it and the run restarts from the one before.
     # Waiting one poll makes the injected fault exercise "resume from the newest checkpoint".
     time.sleep(FAULT_DELAY_S)
-    print(f"[fault injection] rank 0 exits at step {global_step}", flush=True)
+    _say(f"[fault injection] rank 0 exits at step {global_step}")
     os._exit(1)
 
 
@@ -209,7 +223,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch = int(client_state["epoch"]) + 1
         global_step = int(client_state["global_step"])
         if rank == 0:
-            print(f"resuming from {checkpoint.path} (epoch {start_epoch} of {t.epochs} done)", flush=True)
+            _say(f"resuming from {checkpoint.path} (epoch {start_epoch} of {t.epochs} done)")
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     metrics_out = WorkerMetrics(config.name, rank, config.metrics.port, enabled=config.metrics.enabled)
@@ -274,10 +288,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             shown = " ".join(
                 f"{k}={report[k]:.4f}" for k in ("train/loss", "val/accuracy", "val/macro_f1", "val/auc")
             )
-            print(
+            _say(
                 f"epoch {epoch + 1}/{t.epochs} {shown} "
                 f"({train_seconds:.1f}s, {report['train/samples_per_second']:.1f} samples/s)",
-                flush=True,
             )
         gpu_mem = torch.cuda.max_memory_allocated() if use_gpu else 0
         metrics_out.epoch(
@@ -302,3 +315,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics_out.checkpoint(time.perf_counter() - upload_start, failed=True)
                 raise
             metrics_out.checkpoint(time.perf_counter() - upload_start)
+    if config.train.fail_at_step is not None and rank == 0:
+        _fault_marker(config).unlink(missing_ok=True)

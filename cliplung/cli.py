@@ -165,6 +165,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         bench_ingest(args.data, batch=args.batch, epochs=args.steps, as_json=args.json)
         return EXIT_OK
+    if args.what == "tune":
+        from cliplung.bench.tune import bench_tune
+
+        bench_tune(args.data, budget_epochs=args.budget_epochs, as_json=args.json)
+        return EXIT_OK
     if args.what == "predict":
         from cliplung.bench.predict import bench_predict
 
@@ -264,13 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     register_tune(sub)
     register_evaluate(sub)
 
-    p = sub.add_parser("bench", help="benchmarks: model, ingest, train, predict")
-    p.add_argument("what", choices=["model", "ingest", "train", "predict"])
+    p = sub.add_parser("bench", help="benchmarks: model, ingest, train, tune, predict")
+    p.add_argument("what", choices=["model", "ingest", "train", "tune", "predict"])
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (model) or epochs (ingest)")
-    p.add_argument("--data", default="stores/phantom", help="store for ingest/train benchmarks")
+    p.add_argument("--data", default="stores/phantom", help="store for ingest/train/tune benchmarks")
+    p.add_argument("--budget-epochs", type=int, default=16, help="tune: total epochs per search")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

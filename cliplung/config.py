@@ -193,7 +193,8 @@ class ModelConfig:
     n_ctx: int = 4
     """Prompt length: learnable context tokens, and channel groups (one image token each)."""
     ctx_init: str = "a nodule image of"
-    """Text whose token embeddings initialise the context vectors (when it has ``n_ctx`` words)."""
+    """Text whose first ``n_ctx`` token embeddings initialise the context vectors (extra context
+    positions start random, std 0.02)."""
     meta_hidden: int = 32
     """Hidden width of the meta-net that maps a channel group to its context bias."""
     text_model: str = "ViT-B-16"
@@ -355,6 +356,9 @@ class TuneConfig:
     """Stop weak trials early with ASHA."""
     grace_period: int = 1
     """Epochs every trial runs before ASHA may stop it."""
+    reduction_factor: int = 3
+    """ASHA's halving rate: at each rung (``grace_period`` x rf^k epochs) only the best 1/rf of the
+    trials that reached it go on."""
     seed: int = 0
     space: SearchSpace = field(default_factory=SearchSpace)
 
@@ -363,7 +367,9 @@ class TuneConfig:
         if isinstance(self.space, dict):
             self.space = _build(SearchSpace, self.space, f"{s}.space")
         _check_choice(s, self, "mode", ("max", "min"))
-        _check_positive(s, self, "trials", "max_concurrent", "grace_period")
+        _check_positive(s, self, "trials", "max_concurrent", "grace_period", "reduction_factor")
+        if self.reduction_factor < 2:
+            _fail(f"{s}.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
 
 
 @dataclass(kw_only=True)

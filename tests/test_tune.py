@@ -192,6 +192,28 @@ def test_s3_storage_needs_an_explicit_study_db(store):
     assert not ray.is_initialized()
 
 
+def test_searcher_tags_trials_steps_by_epoch_and_prunes_early_stops():
+    from cliplung.tune.search import EPOCHS_DONE, StudySearch
+
+    plan = search_space(load_config("debug"))
+    searcher = StudySearch(
+        plan.distributions, metric="val/macro_f1", mode="max", seed=0, study_name="s", max_epochs=3
+    )
+    for ray_id in ("full", "stopped", "broken"):
+        params = searcher.suggest(ray_id)
+        assert set(params) == SEARCHED
+    for epoch, value in ((1, 0.2), (2, 0.4)):
+        searcher.on_trial_result("full", {"val/macro_f1": value, EPOCHS_DONE: epoch})
+    searcher.on_trial_complete("full", {"val/macro_f1": 0.5, EPOCHS_DONE: 3})
+    searcher.on_trial_complete("stopped", {"val/macro_f1": 0.1, EPOCHS_DONE: 1})  # ASHA's stop
+    searcher.on_trial_complete("broken", None, error=True)
+    trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in searcher._ot_study.get_trials()}
+    assert trials["full"].state == TrialState.COMPLETE and trials["full"].value == 0.5
+    assert trials["full"].intermediate_values == {1: 0.2, 2: 0.4, 3: 0.5}
+    assert trials["stopped"].state == TrialState.PRUNED and trials["stopped"].intermediate_values == {1: 0.1}
+    assert trials["broken"].state == TrialState.FAIL
+
+
 def test_study_is_reconciled_with_tune_when_the_search_ends():
     """A trial that failed and then succeeded on resume gets a completed copy; one whose result
     never reached the searcher is told; one asked by a dead driver (no Tune trial) is closed."""
@@ -442,6 +464,7 @@ def test_asha_stops_weak_trials_early(ray_cluster, store, tmp_path):
     assert stopped, [(r["trial_id"], r["epochs_done"]) for r in rows]
     assert all(r["state"] == "PRUNED" for r in stopped)
     assert any(r["state"] == "COMPLETE" and r["epochs_done"] == 3 for r in rows)
+    assert all(r["best_train/ce"] <= r["train/ce"] for r in rows)  # every epoch reached Optuna
     assert summary.best is not None
     best_row = next(r for r in rows if r["trial_id"] == summary.best["trial_id"])
     assert best_row["state"] == "COMPLETE"  # the best configuration was trained to the end

@@ -260,13 +260,19 @@ class StudySearch(OptunaSearch):
             return
         step = int(result.get(EPOCHS_DONE, result.get("training_iteration", 0)))
         try:
-            self._ot_trials[trial_id].report(float(value), step)
+            with warnings.catch_warnings():
+                # A step can arrive twice (the last result, a resumed trial): Optuna keeps the first.
+                warnings.filterwarnings("ignore", message=".*is already reported")
+                self._ot_trials[trial_id].report(float(value), step)
         except Exception as exc:  # a trial already told before the driver died
             logger.warning("optuna: not recording %s of %s: %s", self.metric, trial_id, exc)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if result and not error:
+            # Tune hands the last result only to on_trial_complete: record it as a step as well.
+            self.on_trial_result(trial_id, result)
         done = int(result.get(EPOCHS_DONE, self._max_epochs)) if result else self._max_epochs
         if error or not result or done >= self._max_epochs:
             super().on_trial_complete(trial_id, result, error)
@@ -602,6 +608,7 @@ def tune_search(
     plan = search_space(config)
     _check(config)
     study_url = default_study_url(config)
+    open_training_store(config)  # a bad store or split fails here, before Ray starts
     if not config.tune.study_db:
         os.makedirs(run_dir, exist_ok=True)  # the default SQLite file lives in the search directory
     storage = open_study_storage(study_url)
@@ -618,7 +625,6 @@ def tune_search(
                 f"{existing[config.name].n_trials} trials; choose another --name (or delete the study)"
             )
         optuna.delete_study(study_name=config.name, storage=storage)  # left by a start that died early
-    open_training_store(config)  # a bad store or split fails here, before Ray starts
 
     t, tc = config.train, config.tune
     ensure_ray(

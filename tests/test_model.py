@@ -6,22 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from torch_threads import one_torch_thread  # noqa: F401 - autouse fixture
 
 from cliplung.config import ATTRIBUTES, CLASS_NAMES_2, ConfigError, ModelConfig, apply_overrides, preset
 from cliplung.model import attribute_weights, build_model, scale_ratings
 from cliplung.model.attributes import RATING_PROMPTS, RATING_RANGES, rating_levels
 
 PATCH = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Debug-size models gain nothing from intra-op threads, and OpenMP threads that wait for each
-    # other on a shared 2-core machine turn a 10 s run into minutes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def debug_model_config(**changes) -> ModelConfig:

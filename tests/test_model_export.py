@@ -7,22 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch_threads import one_torch_thread  # noqa: F401 - autouse fixture
 
 from cliplung.config import Config, preset
 from cliplung.model import ModelEMA, build_model, export_inference, load_inference, save_inference
 from cliplung.model.export import inference_payload
 
 PATCH = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Debug-size models gain nothing from intra-op threads, and OpenMP threads that wait for each
-    # other on a shared 2-core machine turn a 10 s run into minutes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**model_changes) -> Config:

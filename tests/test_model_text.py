@@ -8,6 +8,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from torch_threads import one_torch_thread  # noqa: F401 - autouse fixture
 
 from cliplung.config import ATTRIBUTES, ConfigError, ModelConfig, preset
 from cliplung.model import build_model
@@ -16,16 +17,6 @@ from cliplung.model.reference import reference_forward
 from cliplung.model.text_encoder import TextEncoder, text_model_config
 
 PATCH = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Debug-size models gain nothing from intra-op threads, and OpenMP threads that wait for each
-    # other on a shared 2-core machine turn a 10 s run into minutes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def debug_model_config(**changes) -> ModelConfig:

@@ -39,7 +39,8 @@ def _query(base: str, promql: str) -> list[dict]:
 def test_prometheus_scrapes_training_metrics(tmp_path):
     import ray
 
-    from cliplung.train.trainer import ensure_ray, train
+    from cliplung.cluster import ensure_ray
+    from cliplung.train.trainer import train
 
     store = make_synthetic_store(str(tmp_path / "store"))
     metrics_port = _free_port()

@@ -236,7 +236,7 @@ def s3():
 def ray_local(s3):
     import ray
 
-    from cliplung.train.trainer import ensure_ray
+    from cliplung.cluster import ensure_ray
 
     ensure_ray(num_cpus=4)
     yield

@@ -278,7 +278,7 @@ def _read_csv(path: Path) -> list[dict]:
 def ray_cluster():
     import ray
 
-    from cliplung.train.trainer import ensure_ray
+    from cliplung.cluster import ensure_ray
 
     ensure_ray(num_cpus=4)
     yield ray.get_runtime_context().gcs_address

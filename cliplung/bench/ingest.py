@@ -54,8 +54,8 @@ def _consume(batches, cfg, epochs_seed: int) -> int:
 def bench_ingest(
     store: str, batch: int = 32, epochs: int = 2, workers: int = 2, as_json: bool = False
 ) -> dict:
+    from cliplung.cluster import ensure_ray
     from cliplung.data.ingest import NoduleDatasource, compute_splits
-    from cliplung.train.trainer import ensure_ray
 
     config = load_config("debug", [f"data.store={store}"])
     opened = NoduleStore.open(store)

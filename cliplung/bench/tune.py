@@ -48,7 +48,7 @@ def bench_tune(
     metric: str = "val/macro_f1",
     mode: str = "max",
 ) -> list[dict]:
-    from cliplung.train.trainer import ensure_ray
+    from cliplung.cluster import ensure_ray
     from cliplung.tune.search import EPOCHS_DONE, tune_search
 
     ensure_ray(num_cpus=max(os.cpu_count() or 1, 3))  # started once, outside the timings

@@ -263,7 +263,7 @@ def _run_parallel(
 ) -> list[dict[str, Any]]:
     import ray
 
-    from cliplung.train.trainer import ensure_ray
+    from cliplung.cluster import ensure_ray
 
     t = config.train
     per_fold = t.workers * t.cpus_per_worker + 2  # workers + Ray Data read tasks, as train() sizes it

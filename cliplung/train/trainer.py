@@ -18,40 +18,13 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cliplung.cluster import ensure_ray
 from cliplung.config import Config, dump_config
 from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
 from cliplung.storage import check_endpoint, is_s3, pyarrow_filesystem
 from cliplung.train.loop import train_loop_per_worker
 
-__all__ = ["TrainSummary", "build_trainer", "ensure_ray", "run_storage", "train"]
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), or start an embedded single-node Ray.
-
-    ``address="local"`` is explicit on purpose: a bare ``ray.init()`` joins whatever cluster
-    Ray's ``ray_current_cluster`` file names, even a head that died long ago. The embedded
-    cluster keeps the dashboard on: Train V2 needs it to clean up a finished run's placement
-    group, or the next trainer (the next Tune trial) waits for workers forever.
-    """
-    if ray.is_initialized():
-        return
-    # Per-operator progress bars from every worker drown the per-epoch lines; metrics go to
-    # Prometheus and the dashboard instead.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-        configure_logging=False,
-    )
+__all__ = ["TrainSummary", "build_trainer", "run_storage", "train"]
 
 
 def run_storage(config: Config) -> tuple[object, str]:

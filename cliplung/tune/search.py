@@ -78,10 +78,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from cliplung.cluster import ensure_ray
 from cliplung.config import Config, ConfigError, config_from_dict, dump_config
 from cliplung.data.ingest import build_datasets, open_training_store
 from cliplung.storage import check_endpoint, is_s3, parse_location, pyarrow_filesystem
-from cliplung.train.trainer import _write_run_manifest, build_trainer, ensure_ray
+from cliplung.train.trainer import _write_run_manifest, build_trainer
 
 __all__ = [
     "EPOCHS_DONE",

@@ -1,96 +1,70 @@
 """The ``cliplung`` command. Each subcommand parses, builds a config, calls one function, exits.
 
-Exit codes: 0 success, 1 the work failed, 2 bad input (config, store, DICOM, arguments).
+Flags and ``--set`` become config fields through :mod:`cliplung.arguments` (one override path),
+and every error is turned into an exit code there (0 success, 1 the work failed, 2 bad input
+naming the file or field, 130 interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from cliplung.config import Config, ConfigError, load_config
-from cliplung.data.dicom import DicomError
-from cliplung.data.prepare import PrepareError
+from cliplung.arguments import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    add_config_args,
+    config_from_args,
+    exit_code,
+)
+from cliplung.config import ConfigError, load_config
 from cliplung.data.store import StoreError
 from cliplung.evaluate.cli import register as register_evaluate
-from cliplung.storage import StorageError
 from cliplung.tune.cli import register as register_tune
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-# Bad input carries its own message naming the file, store, scan or field; none needs a traceback.
-BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    StoreError,
-    DicomError,
-    StorageError,
-    PrepareError,
-)
-
-
-def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
-    """Preset/file + the explicit flags (as overrides) + ``--set`` overrides, in that order."""
-    overrides = list(extra or []) + list(getattr(args, "set", None) or [])
-    return load_config(getattr(args, "config", None) or "debug", overrides)
-
-
-def _add_config_args(p: argparse.ArgumentParser, default: str = "debug") -> None:
-    p.add_argument(
-        "--config", default=default, help=f"preset (debug, paper) or YAML/JSON file (default {default})"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        default=[],
-        help="override a config field, e.g. model.n_ctx=8",
-    )
-
-
-def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
-    """``--flag`` values that were given, as ``section.field=value`` overrides."""
-    out = []
-    for attr, key in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    return out
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "build_parser", "main"]
 
 
 # --------------------------------------------------------------------------- prepare / inspect
 
 
+PREPARE_FLAGS = {
+    "source": "prepare.source",
+    "lidc_dir": "prepare.lidc_dir",
+    "patch_size": "prepare.patch_size",
+    "spacing": "prepare.spacing_mm",
+    "min_readers": "prepare.min_readers",
+    "folds": "prepare.folds",
+    "seed": "prepare.seed",
+    "limit": "prepare.limit",
+    "workers": "prepare.workers",
+    "on_error": "prepare.on_error",
+}
+TRAIN_FLAGS = {
+    "data": "data.store",
+    "storage": "storage.path",
+    "storage_endpoint": "storage.endpoint",
+    "name": "name",
+    "workers": "train.workers",
+    "gpus_per_worker": "train.gpus_per_worker",
+    "epochs": "train.epochs",
+}
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from cliplung.data.prepare import prepare_store
 
-    hu = None
+    extra = {}
     if args.hu_window:
         try:
             lo, hi = (float(v) for v in args.hu_window.split(","))
         except ValueError:
             raise ConfigError(f"prepare.hu_window: expected LOW,HIGH, got {args.hu_window!r}") from None
-        hu = [lo, hi]
-    overrides = _flag_overrides(
-        args,
-        {
-            "source": "prepare.source",
-            "lidc_dir": "prepare.lidc_dir",
-            "patch_size": "prepare.patch_size",
-            "spacing": "prepare.spacing_mm",
-            "min_readers": "prepare.min_readers",
-            "folds": "prepare.folds",
-            "seed": "prepare.seed",
-            "limit": "prepare.limit",
-            "workers": "prepare.workers",
-            "on_error": "prepare.on_error",
-        },
-    )
-    if hu:
-        overrides.append(f"prepare.hu_window=[{hu[0]}, {hu[1]}]")
-    config = _config(args, overrides)
+        extra["prepare.hu_window"] = [lo, hi]
+    config = config_from_args(args, PREPARE_FLAGS, extra)
     if config.prepare.source == "lidc" and not config.prepare.lidc_dir:
         raise ConfigError("prepare.lidc_dir: --lidc-dir is required with --source lidc")
     summary = prepare_store(config, args.out, overwrite=args.overwrite, endpoint=args.storage_endpoint)
@@ -108,26 +82,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
-def _train_config(args: argparse.Namespace) -> Config:
-    overrides = _flag_overrides(
-        args,
-        {
-            "data": "data.store",
-            "storage": "storage.path",
-            "storage_endpoint": "storage.endpoint",
-            "name": "name",
-            "workers": "train.workers",
-            "gpus_per_worker": "train.gpus_per_worker",
-            "epochs": "train.epochs",
-        },
-    )
-    return _config(args, overrides)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from cliplung.train.trainer import train
 
-    config = _train_config(args)
+    config = config_from_args(args, TRAIN_FLAGS)
     print(
         f"training {config.name}: preset={config.preset} method={config.model.method} "
         f"workers={config.train.workers} epochs={config.train.epochs} data={config.data.store} "
@@ -140,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--data", help="nodule store (directory or s3://bucket/prefix)")
     p.add_argument("--storage", help="run storage (directory or s3://bucket/prefix)")
     p.add_argument("--storage-endpoint", help="S3 endpoint URL (MinIO etc.); default AWS_ENDPOINT_URL")
@@ -153,34 +111,36 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- bench
 
+DEFAULT_BENCH_STORE = "stores/phantom"
+
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Every benchmark gets the flags that apply to it; a flag it cannot use is an error."""
+    store = args.data or DEFAULT_BENCH_STORE
     if args.what == "model":
         from cliplung.bench.model import bench_model
 
         bench_model(args.preset, batch=args.batch, device=args.device, steps=args.steps, as_json=args.json)
-        return EXIT_OK
-    if args.what == "ingest":
+    elif args.what == "ingest":
         from cliplung.bench.ingest import bench_ingest
 
-        bench_ingest(args.data, batch=args.batch, epochs=args.steps, as_json=args.json)
-        return EXIT_OK
-    if args.what == "tune":
+        bench_ingest(store, batch=args.batch, epochs=args.steps, as_json=args.json)
+    elif args.what == "tune":
         from cliplung.bench.tune import bench_tune
 
-        bench_tune(args.data, budget_epochs=args.budget_epochs, as_json=args.json)
-        return EXIT_OK
-    if args.what == "predict":
+        bench_tune(store, budget_epochs=args.budget_epochs, as_json=args.json)
+    elif args.what == "predict":
         from cliplung.bench.predict import bench_predict
 
-        bench_predict(args.preset, batch=args.batch, data=None, as_json=True)
-        return EXIT_OK
-    if args.what == "train":
+        # Without --data: a temporary random store (the bench measures the model, not the data).
+        bench_predict(args.preset, batch=args.batch, steps=args.steps, data=args.data, as_json=args.json)
+    elif args.what == "train":
         from cliplung.bench.train import bench_train
 
-        bench_train(args.data, preset=args.preset, as_json=args.json)
-        return EXIT_OK
-    raise ConfigError(f"bench: unknown benchmark {args.what!r}")
+        bench_train(store, preset=args.preset, epochs=args.steps, as_json=args.json)
+    else:
+        raise ConfigError(f"bench: unknown benchmark {args.what!r}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- quickstart
@@ -194,13 +154,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     config = load_config(
         "debug",
-        [
-            f"data.store={args.store}",
-            f"storage.path={args.storage}",
-            "name=quickstart",
-            f"train.epochs={args.epochs}",
-            *args.set,
-        ],
+        args.set,
+        values={
+            "data.store": args.store,
+            "storage.path": args.storage,
+            "name": "quickstart",
+            "train.epochs": args.epochs,
+        },
     )
     start = time.perf_counter()
     try:
@@ -239,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build a nodule store from LIDC-IDRI DICOM or the phantom source")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--source", choices=["phantom", "lidc"])
     p.add_argument("--lidc-dir", help="LIDC-IDRI DICOM root (with --source lidc)")
     p.add_argument("--out", required=True, help="store path: directory or s3://bucket/prefix")
@@ -274,8 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--steps", type=int, default=5, help="timed steps (model) or epochs (ingest)")
-    p.add_argument("--data", default="stores/phantom", help="store for ingest/train/tune benchmarks")
+    p.add_argument(
+        "--steps", type=int, default=5, help="timed steps (model, predict) or epochs (ingest, train)"
+    )
+    p.add_argument(
+        "--data",
+        help=f"store (ingest, train, tune: default {DEFAULT_BENCH_STORE}; predict: a random store)",
+    )
     p.add_argument("--budget-epochs", type=int, default=16, help="tune: total epochs per search")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -294,15 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("cliplung: interrupted", file=sys.stderr)
-        return 130
-    except BAD_INPUT_ERRORS as exc:
-        print(f"cliplung: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (Exception, KeyboardInterrupt) as exc:
+        known = exit_code(exc)
+        if known is None:
+            raise
+        code, message = known
+        print(f"cliplung {args.command}: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["build_parser", "main"]

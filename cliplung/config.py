@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from cliplung.labels import BINARY_CLASS_NAMES, CLASS_NAMES, task_class_names
+
 __all__ = [
     "AugmentConfig",
     "Config",
@@ -55,8 +57,8 @@ ATTRIBUTES: tuple[str, ...] = (
 )
 """The eight LIDC-IDRI reader ratings stored per nodule, in this order (pylidc's names)."""
 
-CLASS_NAMES_3: tuple[str, ...] = ("benign", "unsure", "malignant")
-CLASS_NAMES_2: tuple[str, ...] = ("benign", "malignant")
+CLASS_NAMES_3: tuple[str, ...] = CLASS_NAMES
+CLASS_NAMES_2: tuple[str, ...] = BINARY_CLASS_NAMES
 
 
 class ConfigError(ValueError):
@@ -152,7 +154,7 @@ class DataConfig:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES_3 if self.task == "3class" else CLASS_NAMES_2
+        return task_class_names(self.task)
 
     @property
     def num_classes(self) -> int:
@@ -272,8 +274,9 @@ class TrainConfig:
     checkpoint_mode: Literal["max", "min"] = "max"
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the run fails."""
-    fail_at_step: int | None = None
-    """Debug-only fault injection: rank 0 kills its own process at this global step, once."""
+    debug_fail_at_step: int | None = None
+    """DEBUG AND TESTS ONLY, never set it for a real run: fault injection, rank 0 kills its own
+    process at this global step, once per run (the fault-tolerance tests use it)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -420,7 +423,15 @@ class Config:
             _fail("name", f"must be a non-empty name without '/', got {self.name!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole config as plain data (secrets included: for passing on, never for writing)."""
         return _to_plain(dataclasses.asdict(self))
+
+    def public_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with every secret masked: what is written to disk, logs and checkpoints."""
+        data = self.to_dict()
+        if data["tune"].get("study_db"):
+            data["tune"]["study_db"] = mask_url_password(data["tune"]["study_db"])
+        return data
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -475,8 +486,15 @@ def preset(name: str) -> Config:
 # --------------------------------------------------------------------------- load / dump / overrides
 
 
-def load_config(source: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Build a config from a preset name or a YAML/JSON file, then apply ``key=value`` overrides.
+def load_config(
+    source: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    values: typing.Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a config from a preset name or a YAML/JSON file, then apply ``values`` (dotted field
+    -> a Python value, taken as it is: what command-line flags give), then ``key=value``
+    overrides (the value parsed as YAML: what ``--set`` gives).
 
     A file may name a ``preset:`` to start from; its other keys replace the preset's values.
     """
@@ -499,6 +517,8 @@ def load_config(source: str | Path | None = None, overrides: typing.Sequence[str
         base = loaded.get("preset")
         data = preset(base).to_dict() if base else Config().to_dict()
         _deep_update(data, loaded, "")
+    for key, value in (values or {}).items():
+        _set_field(data, key, value, f"{key}={value!r}")
     for item in overrides:
         _apply_override(data, item)
     return _build(Config, data, "")
@@ -512,9 +532,17 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
     return _build(Config, data, "")
 
 
+def mask_url_password(url: str) -> str:
+    """``scheme://user:password@host/...`` with the password replaced by ``***``."""
+    import re
+
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 def dump_config(config: Config, path: str | Path | None = None) -> str:
-    """YAML text of the config; written to ``path`` (``.json`` for JSON) when given."""
-    data = config.to_dict()
+    """YAML text of the config with its secrets masked (:meth:`Config.public_dict`); written to
+    ``path`` (``.json`` for JSON) when given."""
+    data = config.public_dict()
     if path is not None and str(path).endswith(".json"):
         text = json.dumps(data, indent=2) + "\n"
     else:
@@ -541,14 +569,18 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
+    _set_field(data, key.strip(), value, item)
+
+
+def _set_field(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    parts = key.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: no such config section (in override {item!r})")
         node = node[part]
     if parts[-1] not in node:
-        raise ConfigError(f"{key.strip()}: no such config field (in override {item!r})")
+        raise ConfigError(f"{key}: no such config field (in override {item!r})")
     node[parts[-1]] = value
 
 

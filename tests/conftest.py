@@ -42,6 +42,22 @@ def synthetic_store(tmp_path_factory):
     return make_synthetic_store(str(tmp_path_factory.mktemp("synthetic") / "syn"))
 
 
+@pytest.fixture
+def forbid_ray(monkeypatch):
+    """Bad input must fail before Ray is started or joined: every way into ``ensure_ray`` raises."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started for input that should have been refused first")
+
+    for module in (
+        "cliplung.cluster",
+        "cliplung.train.trainer",
+        "cliplung.tune.search",
+        "cliplung.evaluate.cv",
+    ):
+        monkeypatch.setattr(f"{module}.ensure_ray", refuse, raising=False)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The suite's embedded Ray (4 logical CPUs on loopback); yields its GCS address."""

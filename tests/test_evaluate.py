@@ -3,7 +3,6 @@ split isolation, reports, bad checkpoints, and the CLI."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import struct
@@ -14,22 +13,16 @@ import pytest
 import torch
 from synthetic import make_synthetic_store
 
+from cliplung import cli
 from cliplung.config import Config, ConfigError, apply_overrides, dump_config, load_config
 from cliplung.data.store import StoreError
 from cliplung.evaluate import cv as cv_module
-from cliplung.evaluate.cli import register
-from cliplung.evaluate.evaluate import (
-    CheckpointError,
-    SplitLeakError,
-    check_split_isolation,
-    compute_metrics,
-    evaluate,
-    expected_calibration_error,
-    fold_rows,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from cliplung.evaluate.checkpoints import CheckpointError, load_checkpoint
+from cliplung.evaluate.evaluate import evaluate
+from cliplung.evaluate.metrics import compute_metrics, expected_calibration_error
+from cliplung.evaluate.splits import SplitLeakError, check_split_isolation, fold_rows
 from cliplung.model import build_model, save_inference
+from cliplung.runs import Run, find_checkpoint
 from cliplung.train.metrics import classification_metrics
 
 PATCH = 16
@@ -72,13 +65,14 @@ def _fake_run(
     """A run directory as training leaves it: config.yaml, splits.json, epoch_NNNN/ checkpoints."""
     from cliplung.data.ingest import compute_splits
     from cliplung.data.store import NoduleStore
-    from cliplung.train.trainer import _write_run_manifest
 
     run = storage / cfg.name
     run.mkdir(parents=True, exist_ok=True)
     if manifest:
+        store = NoduleStore.open(cfg.data.store)
         run_cfg = apply_overrides(cfg, [f"storage.path={storage}"])
-        _write_run_manifest(run_cfg, compute_splits(NoduleStore.open(cfg.data.store), cfg.data))
+        splits = compute_splits(store, cfg.data).record(cfg.data.store)
+        Run.of(run_cfg).start(run_cfg, kind="train", store=store, splits=splits)
     else:
         dump_config(cfg, run / "config.yaml")
     for epoch, score in enumerate(val_scores):
@@ -177,17 +171,17 @@ def test_run_checkpoint_is_selected_on_validation_never_test(tmp_path: Path, con
     (run / "epoch_0003" / "train_state.json").write_text(
         json.dumps({"epoch": 3, "metrics": {"val/macro_f1": 1.0}})
     )
-    choice = resolve_checkpoint("sel", storage=str(tmp_path))
+    choice = find_checkpoint("sel", storage_path=str(tmp_path))
     assert choice.epoch == 1 and choice.model_path.endswith("epoch_0001/model.pt")
     assert choice.metric == "val/macro_f1" and len(choice.candidates) == 3
-    assert resolve_checkpoint(run).epoch == 1  # a run directory works without --storage
-    assert resolve_checkpoint(run / "epoch_0002").epoch is None  # an explicit checkpoint is taken as is
+    assert find_checkpoint(str(run)).epoch == 1  # a run directory works without --storage
+    assert find_checkpoint(str(run / "epoch_0002")).epoch is None  # an explicit checkpoint is taken as is
 
     dump_config(apply_overrides(cfg, ["train.checkpoint_metric=test/macro_f1"]), run / "config.yaml")
-    with pytest.raises(ConfigError, match="test metric"):
-        resolve_checkpoint("sel", storage=str(tmp_path))
+    with pytest.raises(CheckpointError, match="test metric"):
+        find_checkpoint("sel", storage_path=str(tmp_path))
     with pytest.raises(CheckpointError, match="no such run"):
-        resolve_checkpoint("missing", storage=str(tmp_path))
+        find_checkpoint("missing", storage_path=str(tmp_path))
 
 
 def test_bad_checkpoints_give_errors_naming_the_file(tmp_path: Path, config: Config) -> None:
@@ -366,10 +360,7 @@ def test_cross_validation_trains_and_never_sees_the_test_fold(tmp_path: Path, st
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cliplung")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.main(argv)
 
 
 def test_cli_exit_codes(tmp_path: Path, config: Config, store_path: str, capsys) -> None:

@@ -27,8 +27,8 @@ BUCKET = "cliplung-runs"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> NoduleStore:
-    return make_synthetic_store(str(tmp_path_factory.mktemp("store") / "syn"))
+def store(synthetic_store) -> NoduleStore:
+    return synthetic_store
 
 
 def _config(store_path: str, storage: str, name: str, *extra: str):
@@ -134,9 +134,7 @@ def _break_nan(path: Path) -> None:
     [(_break_marker, "incomplete"), (_break_lengths, "label"), (_break_nan, "NaN")],
     ids=["no-marker", "mismatched-lengths", "nan-patches"],
 )
-def test_bad_store_fails_before_any_worker(tmp_path, capsys, breakage, expected):
-    import ray
-
+def test_bad_store_fails_before_any_worker(tmp_path, capsys, breakage, expected, forbid_ray):
     path = tmp_path / "bad"
     make_synthetic_store(str(path))
     breakage(path)
@@ -144,12 +142,9 @@ def test_bad_store_fails_before_any_worker(tmp_path, capsys, breakage, expected)
     err = capsys.readouterr().err
     assert rc == cli.EXIT_BAD_INPUT, err
     assert str(path) in err and expected.lower() in err.lower()
-    assert not ray.is_initialized()
 
 
-def test_bad_config_and_storage_fail_before_any_worker(store, tmp_path, capsys):
-    import ray
-
+def test_bad_config_and_storage_fail_before_any_worker(store, tmp_path, capsys, forbid_ray):
     rc = cli.main(["train", "--data", store.path, "--storage", str(tmp_path), "--set", "model.n_ctx=3"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_BAD_INPUT and "model.n_ctx" in err and "feature_channels" in err
@@ -166,7 +161,6 @@ def test_bad_config_and_storage_fail_before_any_worker(store, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == cli.EXIT_BAD_INPUT and "http://127.0.0.1:9" in err and "not reachable" in err
-    assert not ray.is_initialized()
 
 
 # --------------------------------------------------------------------------- slow: real runs
@@ -216,31 +210,20 @@ class _MotoS3:
 
 @pytest.fixture(scope="module")
 def s3():
-    """Credentials in the environment before Ray starts, so every Ray worker inherits them."""
+    """moto accepts the suite's test credentials (set before any Ray node starts)."""
     import boto3
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.delenv("AWS_ENDPOINT_URL", raising=False)
-        server = _MotoS3()
-        boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        try:
-            yield server
-        finally:
-            server.stop()
+    server = _MotoS3()
+    boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3):
-    import ray
-
-    from cliplung.cluster import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    yield
-    ray.shutdown()
+def ray_local(ray_session, s3):
+    return ray_session
 
 
 def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
@@ -255,7 +238,9 @@ def test_worker_killed_mid_epoch_resumes_and_matches_uninterrupted_run(ray_local
     # 54 training rows / 2 workers / micro-batch 8 = 3 steps per epoch; step 5 is inside epoch 2.
     clean = train(_config(store.path, runs, "clean", "train.epochs=3", "train.max_failures=0"))
     faulty = train(
-        _config(store.path, runs, "faulty", "train.epochs=3", "train.fail_at_step=5", "train.max_failures=1")
+        _config(
+            store.path, runs, "faulty", "train.epochs=3", "train.debug_fail_at_step=5", "train.max_failures=1"
+        )
     )
     out = capfd.readouterr().out
     assert "[fault injection] rank 0 exits at step 5" in out

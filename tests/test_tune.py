@@ -6,6 +6,7 @@ ASHA search that stops weak trials early."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import json
@@ -24,10 +25,9 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
-from synthetic import make_synthetic_store
 
 from cliplung.config import ConfigError, dump_config, load_config
-from cliplung.tune.cli import config_from_args, parse_resources, register
+from cliplung.tune.cli import parse_resources, register, tune_config
 from cliplung.tune.search import TRIAL_ID_ATTR, apply_params, search_space, tune_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +54,8 @@ ALL_FIXED = [
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_synthetic_store(str(tmp_path_factory.mktemp("store") / "syn"))
+def store(synthetic_store):
+    return synthetic_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +106,10 @@ def test_searched_values_apply_as_a_valid_config_that_round_trips(tmp_path):
     assert load_config(str(path)) == cfg  # 1e-05 comes back a float, not a string
     with pytest.raises(ConfigError, match=r"model\.n_ctx"):
         apply_params(load_config("debug"), {"model.n_ctx": 3})
+
+
+def config_from_args(args):
+    return tune_config(args)
 
 
 def test_resources_per_trial_and_flags_become_config_fields():
@@ -160,18 +164,13 @@ def test_resources_per_trial_and_flags_become_config_fields():
         "resume-nothing",
     ],
 )
-def test_bad_input_fails_before_any_trial(store, tmp_path, extra, expected):
-    import ray
-
+def test_bad_input_fails_before_any_trial(store, tmp_path, extra, expected, forbid_ray):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         _run_cli(_tune_args(store.path, str(tmp_path / "runs"), "bad", *extra))
-    assert not ray.is_initialized()
     assert not list((tmp_path / "runs").glob("*/experiment_state-*.json"))
 
 
-def test_unreachable_study_db_is_named_without_its_password(store, tmp_path):
-    import ray
-
+def test_unreachable_study_db_is_named_without_its_password(store, tmp_path, forbid_ray):
     missing = f"sqlite:///{tmp_path}/no/such/dir/optuna.db"
     with pytest.raises(ConfigError, match="cannot open the Optuna study database") as info:
         _run_cli(_tune_args(store.path, str(tmp_path / "runs"), "x", "--study-db", missing))
@@ -181,33 +180,42 @@ def test_unreachable_study_db_is_named_without_its_password(store, tmp_path):
     with pytest.raises(ConfigError, match="cannot open the Optuna study database") as info:
         _run_cli(_tune_args(store.path, str(tmp_path / "runs"), "x", "--study-db", url))
     assert "postgresql://tuner:***@127.0.0.1:9/optuna" in str(info.value) and "s3cret" not in str(info.value)
-    assert not ray.is_initialized()
 
 
-def test_s3_storage_needs_an_explicit_study_db(store):
-    import ray
-
+def test_s3_storage_needs_an_explicit_study_db(store, forbid_ray):
     with pytest.raises(ConfigError, match=re.escape("tune.study_db: storage s3://bucket/searches is on S3")):
         _run_cli(_tune_args(store.path, "s3://bucket/searches", "x"))
-    assert not ray.is_initialized()
 
 
-def test_searcher_tags_trials_steps_by_epoch_and_prunes_early_stops():
-    from cliplung.tune.search import EPOCHS_DONE, StudySearch
+def test_searcher_tags_trials_steps_by_epoch_and_prunes_early_stops(tmp_path):
+    import pickle
+
+    from cliplung.tune.study import EPOCHS_DONE, StudySearcher
 
     plan = search_space(load_config("debug"))
-    searcher = StudySearch(
-        plan.distributions, metric="val/macro_f1", mode="max", seed=0, study_name="s", max_epochs=3
+    searcher = StudySearcher(
+        plan.distributions,
+        metric="val/macro_f1",
+        mode="max",
+        seed=0,
+        study_name="s",
+        study_url=f"sqlite:///{tmp_path}/study.db",
+        max_epochs=3,
     )
     for ray_id in ("full", "stopped", "broken"):
         params = searcher.suggest(ray_id)
         assert set(params) == SEARCHED
-    for epoch, value in ((1, 0.2), (2, 0.4)):
-        searcher.on_trial_result("full", {"val/macro_f1": value, EPOCHS_DONE: epoch})
+    searcher.on_trial_result("full", {"val/macro_f1": 0.2, EPOCHS_DONE: 1})
+    # Tune pickles the searcher and restores its saved state after a driver dies: a fresh copy
+    # goes on recording the same trials.
+    searcher.save(str(tmp_path / "searcher.json"))
+    searcher = pickle.loads(pickle.dumps(searcher))
+    searcher.restore(str(tmp_path / "searcher.json"))
+    searcher.on_trial_result("full", {"val/macro_f1": 0.4, EPOCHS_DONE: 2})
     searcher.on_trial_complete("full", {"val/macro_f1": 0.5, EPOCHS_DONE: 3})
     searcher.on_trial_complete("stopped", {"val/macro_f1": 0.1, EPOCHS_DONE: 1})  # ASHA's stop
     searcher.on_trial_complete("broken", None, error=True)
-    trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in searcher._ot_study.get_trials()}
+    trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in searcher.study.get_trials()}
     assert trials["full"].state == TrialState.COMPLETE and trials["full"].value == 0.5
     assert trials["full"].intermediate_values == {1: 0.2, 2: 0.4, 3: 0.5}
     assert trials["stopped"].state == TrialState.PRUNED and trials["stopped"].intermediate_values == {1: 0.1}
@@ -219,7 +227,8 @@ def test_study_is_reconciled_with_tune_when_the_search_ends():
     never reached the searcher is told; one asked by a dead driver (no Tune trial) is closed."""
     from types import SimpleNamespace
 
-    from cliplung.tune.search import EPOCHS_DONE, _reconcile_study
+    from cliplung.tune.study import EPOCHS_DONE
+    from cliplung.tune.study import reconcile_study as _reconcile_study
 
     study = optuna.create_study(direction="maximize")
     space = {"train.lr": FloatDistribution(1e-4, 1e-2, log=True)}
@@ -275,14 +284,8 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from cliplung.cluster import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_cluster(ray_session):
+    return ray_session
 
 
 _DRIVER = """
@@ -441,9 +444,50 @@ def test_optuna_dashboard_serves_the_study(interrupted_search):
     pytest.fail("optuna-dashboard could not bind a free port in 3 attempts")
 
 
+@pytest.fixture
+def unrelated_ray():
+    """A second Ray instance on this host, as another user's or another job's would be: its own
+    temp dir, ports and token. Started with ``ray start --block`` and stopped by its pid."""
+    import secrets
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="/tmp/rayu-")  # short: Ray's unix socket paths must fit
+    token = Path(temp) / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    port = _free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, "the unrelated Ray instance did not start"
+            time.sleep(0.5)
+        yield port
+    finally:
+        # Its processes share the process group `ray start` got: stop exactly those.
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_asha_stops_weak_trials_early(ray_cluster, store, tmp_path):
-    """Built to show ASHA: 4 trials one after another, 3 epochs each, rungs after epoch 1
+def test_asha_stops_weak_trials_early(ray_cluster, store, tmp_path, unrelated_ray):
+    """Built to show ASHA, with a second, unrelated Ray instance running on the host (which used
+    to keep Ray Train's clean-up from finding this cluster, so stopped trials kept their CPUs): 4 trials one after another, 3 epochs each, rungs after epoch 1
     (grace_period 1) and 2, halving rate 2; the training cross-entropy (min) as the metric because
     it never ties, where the tiny validation split often gives equal macro-F1. The first trial
     always runs to the end; a later one is stopped at a rung when it is behind the median of the
@@ -457,9 +501,13 @@ def test_asha_stops_weak_trials_early(ray_cluster, store, tmp_path):
             "tune.reduction_factor=2", "tune.metric=train/ce", "tune.mode=min",
         ],
     )  # fmt: skip
+    import ray
+    from ray.util import placement_group_table
+
+    before = set(placement_group_table())
     summary = tune_search(config, address=ray_cluster)
     rows = summary.trials
-    assert len(rows) == 4
+    assert len(rows) == 4  # every trial got its CPUs, also after the early stops
     stopped = [r for r in rows if r["epochs_done"] < 3]
     assert stopped, [(r["trial_id"], r["epochs_done"]) for r in rows]
     assert all(r["state"] == "PRUNED" for r in stopped)
@@ -468,3 +516,14 @@ def test_asha_stops_weak_trials_early(ray_cluster, store, tmp_path):
     assert summary.best is not None
     best_row = next(r for r in rows if r["trial_id"] == summary.best["trial_id"])
     assert best_row["state"] == "COMPLETE"  # the best configuration was trained to the end
+    # Ray's own clean-up freed every placement group the search created, stopped trials included.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = {
+            k: v for k, v in placement_group_table().items() if k not in before and v["state"] != "REMOVED"
+        }
+        if not left:
+            break
+        time.sleep(1)
+    assert not left, left
+    assert ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")

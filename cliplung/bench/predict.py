@@ -102,7 +102,8 @@ def bench_predict(
     as_json: bool = True,
 ) -> dict[str, Any]:
     """Run both measurements and print (and return) the JSON result."""
-    from cliplung.evaluate.evaluate import load_checkpoint, predict_probabilities
+    from cliplung.evaluate.checkpoints import load_checkpoint
+    from cliplung.evaluate.evaluate import predict_probabilities
     from cliplung.evaluate.predict import predict_store
     from cliplung.model import build_model, save_inference
 
@@ -131,20 +132,20 @@ def bench_predict(
             torch.set_num_threads(threads)
         ratio = {k: rates["cliplung"][k] / rates["ce"][k] for k in ("median", "best")}
 
-        import ray
-
         store = data
         if store is None:
             store = str(Path(tmp) / "store")
             _random_store(store, rows, patch)
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+        from cliplung.cluster import ensure_ray, shutdown_ray
+
+        ensure_ray()
         try:
             ckpt = str(Path(tmp) / "cliplung" / "model.pt")
             out = str(Path(tmp) / "scores.parquet")
             predict_store(ckpt, store, out, batch_size=batch, concurrency=concurrency)  # warm-up pass
             summary = predict_store(ckpt, store, out, batch_size=batch, concurrency=concurrency)
         finally:
-            ray.shutdown()
+            shutdown_ray()
         from cliplung.data.store import NoduleStore
 
         opened = NoduleStore.open(store)

@@ -36,6 +36,7 @@ from ray.data.datasource import ReadTask
 
 from cliplung.config import Config, ConfigError, DataConfig
 from cliplung.data.store import NoduleStore
+from cliplung.labels import task_labels, task_rows
 
 __all__ = [
     "DeterministicShards",
@@ -61,6 +62,18 @@ class Splits:
     val_patients: tuple[str, ...]
     test_patients: tuple[str, ...]
 
+    def record(self, store: str) -> dict:
+        """What a run writes once into its ``splits.json``: counts, the store, every split's rows
+        and the test patients (evaluation proves isolation from it)."""
+        return {
+            **self.summary(),
+            "store": store,
+            "train_rows": self.train.tolist(),
+            "val_rows": self.val.tolist(),
+            "test_rows": self.test.tolist(),
+            "test_patients": list(self.test_patients),
+        }
+
     def summary(self) -> dict[str, int]:
         return {
             "train_nodules": len(self.train),
@@ -83,7 +96,7 @@ def compute_splits(store: NoduleStore, data: DataConfig) -> Splits:
         raise ConfigError(
             f"data.test_fold: store {store.path} has folds 0..{n_folds - 1}, got {data.test_fold}"
         )
-    keep = labels != 1 if data.task == "2class" else np.ones(len(labels), dtype=bool)
+    keep = task_rows(labels, data.task)
     test_mask = keep & (folds == data.test_fold)
     rest = keep & (folds != data.test_fold)
     rest_patients = np.unique(patients[rest])
@@ -156,9 +169,7 @@ def _read_rows(path: str, endpoint: str | None, task: str, piece: np.ndarray):
     store = NoduleStore.open(path, endpoint=endpoint)
     rows = store.read_rows(int(piece[0]), int(piece[-1]) + 1, fields=ROW_FIELDS)
     local = piece - piece[0]
-    label = np.asarray(rows["label"], dtype=np.int64)[local]
-    if task == "2class":
-        label = (label == 2).astype(np.int64)
+    label = task_labels(np.asarray(rows["label"])[local], task)
     yield BlockAccessor.batch_to_block(
         {
             "patches": np.asarray(rows["patches"])[local].astype(np.float32),
@@ -186,13 +197,25 @@ def open_training_store(config: Config) -> tuple[NoduleStore, Splits]:
     return store, splits
 
 
+READ_CONCURRENCY = 2
+"""Read tasks of one dataset in flight at once."""
+
+
 def build_datasets(config: Config, store: NoduleStore, splits: Splits) -> dict[str, ray.data.Dataset]:
-    """Ray datasets ``{"train", "val"}`` over the store rows of each split."""
+    """Ray datasets ``{"train", "val"}`` over the store rows of each split.
+
+    Read tasks reserve no CPU and at most ``READ_CONCURRENCY`` run at once: Ray Train splits the
+    datasets after its workers hold their CPUs, so reads that asked for a CPU of their own would
+    wait forever on a cluster the workers fill (two 1-CPU nodes, two workers). They are short and
+    mostly wait on storage, so sharing the workers' cores costs little.
+    """
     return {
         name: ray.data.read_datasource(
             NoduleDatasource(
                 store.path, getattr(splits, name), endpoint=config.storage.endpoint, task=config.data.task
-            )
+            ),
+            num_cpus=0,
+            concurrency=READ_CONCURRENCY,
         )
         for name in ("train", "val")
     }
@@ -232,8 +255,11 @@ class DeterministicShards(ray.train.DataConfig):
         output: list[dict] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            ds.context.execution_options.preserve_order = True
+            # Train's default ingest options (carried over from the driver's DataContext), with the
+            # row order kept: a shard's content must not depend on which read task finished first.
+            options = self.default_ingest_options()
+            options.preserve_order = True
+            ds.context.execution_options = options
             for rank, piece in enumerate(ds.split(world_size, equal=(name == "train"))):
                 output[rank][name] = piece.iterator()
         return output

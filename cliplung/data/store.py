@@ -62,6 +62,7 @@ import numpy as np
 
 from cliplung import storage
 from cliplung.config import ATTRIBUTES
+from cliplung.labels import CLASS_NAMES, LABEL_RULE, label_from_malignancy
 
 __all__ = [
     "COMPLETION_MARKER",
@@ -84,9 +85,7 @@ SHARD_NODULES = 64
 META_CHUNK = 4096
 """Rows per chunk of the small per-nodule arrays."""
 PATCH_DTYPE = np.float16
-LABEL_RULE = "mean reader malignancy < 3: benign (0); == 3: unsure (1); > 3: malignant (2)"
 SCALING_RULE = "patch = (clip(HU, lo, hi) - lo) / (hi - lo), stored as float16"
-CLASS_NAMES = ("benign", "unsure", "malignant")
 
 # name -> (dtype, per-row shape). "str" is Zarr's variable-length UTF-8 string type.
 FIELDS: dict[str, tuple[Any, tuple[int, ...]]] = {
@@ -106,12 +105,6 @@ ALL_FIELDS = ("patches", *FIELDS, "fold")
 
 class StoreError(RuntimeError):
     """A nodule store is missing, incomplete, malformed, or would be overwritten by accident."""
-
-
-def label_from_malignancy(mean_malignancy: np.ndarray | float) -> np.ndarray:
-    """``LABEL_RULE`` applied to reader-mean malignancy (exact for means of integer ratings)."""
-    m = np.asarray(mean_malignancy, dtype=np.float64)
-    return np.where(m < 3.0, 0, np.where(m == 3.0, 1, 2)).astype(np.int8)
 
 
 def _zarr_store(path: str, endpoint: str | None, *, read_only: bool):

@@ -1,9 +1,9 @@
 """Subcommands ``evaluate``, ``cv``, ``compare`` and ``predict`` of the ``cliplung`` command.
 
 ``cliplung.cli`` calls :func:`register` with its subparsers. Every handler parses, calls one
-function, prints, and returns an exit code: 0 success, 1 the work failed (e.g. a split leak),
-2 bad input (config, checkpoint, store, DICOM, arguments). Heavy imports (torch, Ray, DeepSpeed)
-happen inside the handlers, so ``cliplung --help`` stays fast.
+function, prints, and returns an exit code; errors become exit codes in ``cliplung``'s ``main``
+(:func:`cliplung.arguments.exit_code`). Heavy imports (torch, Ray, DeepSpeed) happen inside the
+handlers, so ``cliplung --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,34 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+
+from cliplung.arguments import EXIT_BAD_INPUT, EXIT_OK, add_config_args, config_from_args
 
 __all__ = ["register"]
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-_BAD_INPUT = {"ConfigError", "CheckpointError", "PredictError", "StoreError", "DicomError", "StorageError"}
-
-
-def _guarded(name: str, handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the known error types into a one-line message and an exit code."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except Exception as exc:
-            kind = type(exc).__name__
-            if kind in _BAD_INPUT:
-                print(f"cliplung {name}: error: {exc}", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            if kind == "SplitLeakError":
-                print(f"cliplung {name}: split leak: {exc}", file=sys.stderr)
-                return EXIT_FAILED
-            raise
-
-    run.__name__ = handler.__name__
-    run.__doc__ = handler.__doc__
-    return run
+CV_FLAGS = {
+    "data": "data.store",
+    "storage": "storage.path",
+    "storage_endpoint": "storage.endpoint",
+    "name": "name",
+    "epochs": "train.epochs",
+}
 
 
 def _bad(command: str, message: str) -> int:
@@ -70,16 +54,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cv_config(args: argparse.Namespace):
-    from cliplung.config import load_config
-
-    overrides = [f"data.store={args.data}", f"storage.path={args.storage}"]
-    if args.storage_endpoint:
-        overrides.append(f"storage.endpoint={args.storage_endpoint}")
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    return load_config(args.config, [*overrides, *args.set])
+    return config_from_args(args, CV_FLAGS)
 
 
 def _folds(text: str) -> int | list[int]:
@@ -156,10 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_cv_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", default="debug", help="preset (debug, paper) or YAML/JSON file (default debug)"
-    )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_args(p)
     p.add_argument("--data", required=True, help="nodule store (directory or s3://bucket/prefix)")
     p.add_argument(
         "--folds", type=_folds, default=5, help="fold count (0..n-1) or a list, e.g. 0,2 (default 5)"
@@ -190,12 +162,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--storage", default="runs", help="run storage of --run (default runs)")
     p.add_argument("--storage-endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
-    p.set_defaults(func=_guarded("evaluate", cmd_evaluate))
+    p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("cv", help="k-fold cross-validation: train and evaluate every fold")
     _add_cv_args(p)
     p.add_argument("--out", help="report directory (default reports/<name>)")
-    p.set_defaults(func=_guarded("cv", cmd_cv))
+    p.set_defaults(func=cmd_cv)
 
     p = subparsers.add_parser(
         "compare", help="cross-validate several methods on the same folds; table + chart"
@@ -203,7 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_cv_args(p)
     p.add_argument("--methods", default="ce,coop,cocoop,cliplung", help="comma-separated (default all four)")
     p.add_argument("--out", required=True, help="directory for the table, chart and per-run reports")
-    p.set_defaults(func=_guarded("compare", cmd_compare))
+    p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser(
         "predict", help="class probabilities: one nodule of a DICOM series, or a whole store to Parquet"
@@ -224,4 +196,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=1, help="model actors of the Ray Data pipeline")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else an embedded Ray)")
     p.add_argument("--storage-endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
-    p.set_defaults(func=_guarded("predict", cmd_predict))
+    p.set_defaults(func=cmd_predict)

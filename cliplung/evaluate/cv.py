@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -41,15 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from cliplung import storage as storage_lib
 from cliplung.config import Config, ConfigError, apply_overrides, config_from_dict
 from cliplung.data.store import NoduleStore
-from cliplung.evaluate.evaluate import (
-    SPLITS_FILE,
-    SplitLeakError,
-    check_split_isolation,
-    evaluate,
-)
+from cliplung.evaluate.evaluate import evaluate
+from cliplung.evaluate.splits import SplitLeakError, check_split_isolation
+from cliplung.runs import SPLITS_FILE, Run
 
 __all__ = ["METHODS", "CVTable", "compare", "cross_validate", "fold_config", "run_fold"]
 
@@ -158,11 +153,11 @@ def _train(config: Config, address: str | None):
 
 
 def _read_splits(config: Config) -> dict[str, Any]:
-    location = storage_lib.join(config.storage.path, config.name, SPLITS_FILE)
-    try:
-        return json.loads(storage_lib.read_text(location, config.storage.endpoint))
-    except (OSError, ValueError) as exc:
-        raise SplitLeakError(f"{location}: the run's split record is missing or unreadable ({exc})") from None
+    run = Run.of(config)
+    splits = run.read_splits()
+    if splits is None:
+        raise SplitLeakError(f"{run.path(SPLITS_FILE)}: the run's split record is missing")
+    return splits
 
 
 def run_fold(
@@ -265,9 +260,7 @@ def _run_parallel(
 
     from cliplung.cluster import ensure_ray
 
-    t = config.train
-    per_fold = t.workers * t.cpus_per_worker + 2  # workers + Ray Data read tasks, as train() sizes it
-    ensure_ray(address, num_cpus=max(os.cpu_count() or 1, min(parallel, len(jobs)) * per_fold))
+    ensure_ray(address, num_cpus=os.cpu_count() or 1)
     task = ray.remote(num_cpus=0, max_retries=0)(run_fold)
     data = config.to_dict()
     pending: dict[Any, int] = {}

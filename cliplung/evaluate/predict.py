@@ -46,6 +46,7 @@ from cliplung.evaluate.evaluate import (
     open_checkpoint,
     predict_probabilities,
 )
+from cliplung.labels import CLASS_NAMES
 
 __all__ = [
     "PredictError",
@@ -58,7 +59,7 @@ __all__ = [
     "voxel_center",
 ]
 
-STORE_LABELS = ("benign", "unsure", "malignant")
+STORE_LABELS = CLASS_NAMES
 
 
 class PredictError(ValueError):

@@ -46,7 +46,7 @@ def export_inference(model: Any) -> NoduleClassifier:
 def inference_payload(model: Any, config: Config) -> dict[str, Any]:
     """What :func:`save_inference` writes: format tag, config dict and the inference state dict."""
     state = {k: v.detach().cpu().clone() for k, v in export_inference(model).state_dict().items()}
-    return {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "state_dict": state}
+    return {"format": FORMAT, "version": VERSION, "config": config.public_dict(), "state_dict": state}
 
 
 def save_inference(model: Any, config: Config, path: str | Path) -> Path:

@@ -96,14 +96,14 @@ def _fault_marker(config: Config) -> Path:
     """Where the injected fault remembers that it fired (the restarted worker must not fire again);
     keyed by run storage, name and step, and removed when the run finishes."""
     key = hashlib.sha256(
-        f"{config.storage.path}|{config.name}|{config.train.fail_at_step}".encode()
+        f"{config.storage.path}|{config.name}|{config.train.debug_fail_at_step}".encode()
     ).hexdigest()
     return Path(tempfile.gettempdir()) / f"cliplung-fault-{key[:16]}"
 
 
 def _maybe_inject_fault(config: Config, rank: int, global_step: int) -> None:
-    """Debug-only: rank 0 kills its own process at ``train.fail_at_step``, once per run name."""
-    if config.train.fail_at_step is None or rank != 0 or global_step != config.train.fail_at_step:
+    """Debug-only: rank 0 kills its own process at ``train.debug_fail_at_step``, once per run name."""
+    if config.train.debug_fail_at_step is None or rank != 0 or global_step != config.train.debug_fail_at_step:
         return
     marker = _fault_marker(config)
     if marker.exists():
@@ -275,6 +275,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val = classification_metrics(labels, probs, config.data.class_names, prefix="val/")
         report = {
             "epoch": epoch,
+            "epochs_done": epoch + 1,
             "global_step": global_step,
             **{f"train/{k}": v for k, v in losses.items()},
             **val,
@@ -315,5 +316,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics_out.checkpoint(time.perf_counter() - upload_start, failed=True)
                 raise
             metrics_out.checkpoint(time.perf_counter() - upload_start)
-    if config.train.fail_at_step is not None and rank == 0:
+    if config.train.debug_fail_at_step is not None and rank == 0:
         _fault_marker(config).unlink(missing_ok=True)

@@ -1,49 +1,62 @@
-"""The driver side of training: Ray start-up, run storage, and the ``TorchTrainer``.
+"""The driver side of training: :func:`train`, the one entry point every training run goes through.
 
-``train(config)`` is what ``cliplung train`` and ``jobs/train.py`` call. A run is identified by
-``(storage.path, name)``: running again with the same pair resumes from the newest complete
-checkpoint (Ray Train V2 restores its checkpoint manager from the run directory; a checkpoint is
-registered only after every worker's upload finished, so a half-uploaded one is never "latest").
+``cliplung train``, ``jobs/train.py``, each fold of ``cliplung cv`` / ``compare`` and each trial of
+``cliplung tune`` call :func:`train`. It is the only code that opens the store for training,
+computes the splits, records the run (:mod:`cliplung.runs`) and builds the ``TorchTrainer``:
+
+1. open and validate the store, compute the patient-level splits (before Ray starts: bad input
+   fails in seconds, naming the store or field);
+2. take the run's lease and record the run, or check that this start continues the recorded run
+   (same store, same defining config);
+3. if the run already finished all its epochs, return its summary without starting workers;
+4. start or join Ray, check the run can be placed on the cluster, build the datasets and the
+   ``TorchTrainer`` (with the caller's Train callbacks, e.g. Tune's ``TuneReportCallback``), fit.
+
+A run is identified by ``(storage.path, name)``: running again with the same pair resumes from the
+newest complete checkpoint (Ray Train V2 restores its checkpoint manager from the run directory;
+a checkpoint is registered only after every worker's upload finished).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import ray
-import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cliplung.cluster import ensure_ray
-from cliplung.config import Config, dump_config
+from cliplung.cluster import PlacementWatch, check_placement, ensure_ray
+from cliplung.config import Config
 from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
-from cliplung.storage import check_endpoint, is_s3, pyarrow_filesystem
+from cliplung.runs import CheckpointInfo, Run, best_of
+from cliplung.storage import check_endpoint, is_s3
 from cliplung.train.loop import train_loop_per_worker
 
-__all__ = ["TrainSummary", "build_trainer", "run_storage", "train"]
+__all__ = ["TrainSummary", "build_trainer", "steps_per_epoch", "train"]
 
 
-def run_storage(config: Config) -> tuple[object, str]:
-    """(pyarrow filesystem, path) of the run storage root; local paths are made absolute."""
-    fs, path = pyarrow_filesystem(config.storage.path, endpoint=config.storage.endpoint)
-    return fs, path
+def steps_per_epoch(config: Config, splits: Splits) -> int:
+    """Micro-batches each worker runs per epoch (every worker the same count: fixed shards)."""
+    t = config.train
+    return (len(splits.train) // t.workers) // t.micro_batch_size
 
 
-def build_trainer(config: Config, datasets: dict, steps_per_epoch: int) -> TorchTrainer:
+def build_trainer(
+    config: Config, datasets: dict, steps: int, callbacks: Sequence[ray.train.UserCallback] = ()
+) -> TorchTrainer:
     """A ``TorchTrainer`` for ``config`` over ``datasets`` (``train`` and ``val``)."""
     t = config.train
     use_gpu = t.gpus_per_worker > 0
-    resources = {"CPU": t.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": t.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = t.gpus_per_worker
-    fs, path = run_storage(config)
+    run = Run.of(config)
+    fs, path = run.pyarrow()
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps_per_epoch},
+        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -58,6 +71,7 @@ def build_trainer(config: Config, datasets: dict, steps_per_epoch: int) -> Torch
                 checkpoint_score_order=t.checkpoint_mode,
             ),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         dataset_config=DeterministicShards(),
@@ -74,12 +88,18 @@ class TrainSummary:
     best_checkpoint: str | None
     metrics: dict = field(default_factory=dict)
     splits: dict = field(default_factory=dict)
+    already_complete: bool = False
+    """True when the run had finished all its epochs before this call (nothing was trained)."""
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.metrics.get("epoch", -1)) + 1
 
     def format(self) -> str:
         keys = ("train/loss", "val/accuracy", "val/macro_f1", "val/auc")
         shown = ", ".join(f"{k}={self.metrics[k]:.4f}" for k in keys if k in self.metrics)
         if "epoch" in self.metrics:
-            shown = f"epochs done={int(self.metrics['epoch']) + 1}, {shown}"
+            shown = f"epochs done={self.epochs_done}, {shown}"
         return "\n".join(
             [
                 f"run {self.name}: {shown}",
@@ -91,57 +111,56 @@ class TrainSummary:
         ).rstrip()
 
 
-def _write_run_manifest(config: Config, splits: Splits) -> None:
-    """config.yaml and splits.json at the top of the run directory (first write wins on resume)."""
-    fs, path = run_storage(config)
-    run_dir = f"{path}/{config.name}"
-    fs.create_dir(run_dir, recursive=True)
-    manifest = {
-        **splits.summary(),
-        "store": config.data.store,
-        "train_rows": splits.train.tolist(),
-        "val_rows": splits.val.tolist(),
-        "test_rows": splits.test.tolist(),
-        "test_patients": list(splits.test_patients),
-    }
-    with fs.open_output_stream(f"{run_dir}/config.yaml") as f:
-        f.write(dump_config(config).encode())
-    with fs.open_output_stream(f"{run_dir}/splits.json") as f:
-        f.write(json.dumps(manifest).encode())
+def _summary(config: Config, run: Run, splits: Splits, *, already_complete: bool) -> TrainSummary:
+    found = run.checkpoints()
+    latest: CheckpointInfo | None = found[-1] if found else None
+    best = best_of(found, config.train.checkpoint_metric, config.train.checkpoint_mode)
+    return TrainSummary(
+        name=config.name,
+        run_dir=run.location,
+        checkpoint=latest.location if latest else None,
+        best_checkpoint=best.location if best else None,
+        metrics=dict(latest.metrics) if latest else {},
+        splits=splits.summary(),
+        already_complete=already_complete,
+    )
 
 
-def train(config: Config, address: str | None = None) -> TrainSummary:
-    """Train ``config`` on the Ray cluster at ``address`` (embedded when None); resume if possible."""
+def train(
+    config: Config,
+    *,
+    address: str | None = None,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    lease: bool = True,
+) -> TrainSummary:
+    """Train ``config`` on the Ray cluster at ``address`` (embedded when None); resume if possible.
+
+    ``callbacks`` are Ray Train callbacks added to the run (a Tune trial passes
+    ``TuneReportCallback``). ``lease=False`` skips the run's lease: for runs inside a search, whose
+    driver holds the lease of the whole search directory.
+    """
     t = config.train
     store, splits = open_training_store(config)
     if is_s3(config.storage.path):
         check_endpoint(config.storage.endpoint)
-    # Ray Data read tasks need CPUs beside the workers'; on a laptop, oversubscribe logically.
-    ensure_ray(address, num_cpus=max(os.cpu_count() or 1, t.workers * t.cpus_per_worker + 2))
-    datasets = build_datasets(config, store, splits)
-    steps_per_epoch = (len(splits.train) // t.workers) // t.micro_batch_size
-    _write_run_manifest(config, splits)
-    result = build_trainer(config, datasets, steps_per_epoch).fit()
-    if result.error:
-        raise result.error
-    _, path = run_storage(config)
-    best = None
-    if result.best_checkpoints:
-        ordered = sorted(
-            result.best_checkpoints,
-            key=lambda cm: cm[1].get(t.checkpoint_metric, float("nan")),
-            reverse=t.checkpoint_mode == "max",
-        )
-        best = ordered[0][0].path
-    return TrainSummary(
-        name=config.name,
-        run_dir=_display(config, f"{path}/{config.name}"),
-        checkpoint=_display(config, result.checkpoint.path) if result.checkpoint else None,
-        best_checkpoint=_display(config, best) if best else None,
-        metrics=dict(result.metrics or {}),
-        splits=splits.summary(),
-    )
-
-
-def _display(config: Config, path: str) -> str:
-    return f"s3://{path}" if config.storage.path.startswith("s3://") else str(Path(path))
+    run = Run.of(config)
+    holding = run.lease(purpose=f"cliplung train {config.name}") if lease else contextlib.nullcontext()
+    with holding:
+        run.start(config, kind="train", store=store, splits=splits.record(config.data.store))
+        latest = run.latest_checkpoint()
+        if latest is not None and latest.epoch is not None and latest.epoch + 1 >= t.epochs:
+            print(
+                f"run {config.name} is complete ({latest.epoch + 1} of {t.epochs} epochs done, "
+                f"{latest.location}): nothing to train",
+                flush=True,
+            )
+            return _summary(config, run, splits, already_complete=True)
+        ensure_ray(address, num_cpus=os.cpu_count() or 1)
+        check_placement(config)
+        datasets = build_datasets(config, store, splits)
+        trainer = build_trainer(config, datasets, steps_per_epoch(config, splits), callbacks)
+        with PlacementWatch(config):
+            result = trainer.fit()
+        if result.error:
+            raise result.error
+        return _summary(config, run, splits, already_complete=False)

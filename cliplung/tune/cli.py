@@ -12,11 +12,11 @@ Registered on the main parser by :func:`register`; bad input raises
 from __future__ import annotations
 
 import argparse
-import json
 
-from cliplung.config import Config, ConfigError, load_config
+from cliplung.arguments import add_config_args, config_from_args
+from cliplung.config import Config, ConfigError
 
-__all__ = ["RESOURCE_KEYS", "cmd_tune", "config_from_args", "parse_resources", "register"]
+__all__ = ["RESOURCE_KEYS", "cmd_tune", "parse_resources", "register", "tune_config"]
 
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
 """Keys of ``--resources-per-trial``; each sets the ``train`` field of the same name."""
@@ -36,7 +36,8 @@ _FLAGS = {
 
 
 def parse_resources(text: str) -> list[str]:
-    """``workers=2,gpus_per_worker=0.25`` as ``train.*`` overrides (values checked by the config)."""
+    """``workers=2,gpus_per_worker=0.25`` as ``train.*`` ``--set`` overrides (values parsed as YAML
+    numbers and checked by the config)."""
     overrides = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
@@ -54,24 +55,17 @@ def parse_resources(text: str) -> list[str]:
     return overrides
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def tune_config(args: argparse.Namespace) -> Config:
     """Preset/file, then the explicit flags, then ``--resources-per-trial``, then ``--set``."""
-    overrides = [
-        # JSON is YAML: strings stay strings ("--name 42", URLs with colons), numbers stay numbers.
-        f"{key}={json.dumps(getattr(args, attr))}"
-        for attr, key in _FLAGS.items()
-        if getattr(args, attr, None) is not None
-    ]
-    if args.resources_per_trial:
-        overrides += parse_resources(args.resources_per_trial)
-    overrides += list(args.set or [])
-    return load_config(args.config or "debug", overrides)
+    resources = parse_resources(args.resources_per_trial) if args.resources_per_trial else []
+    args = argparse.Namespace(**{**vars(args), "set": [*resources, *(args.set or [])]})
+    return config_from_args(args, _FLAGS)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from cliplung.tune.search import tune_search
 
-    config = config_from_args(args)
+    config = tune_config(args)
     t, tc = config.train, config.tune
     gpus = f", {t.gpus_per_worker} GPU" if t.gpus_per_worker else ""
     print(
@@ -94,9 +88,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Search CLIP-Lung's prompt length, loss weights, learning rate and weight decay. "
         "Same --name and --storage with --resume continue an interrupted search.",
     )
-    p.add_argument(
-        "--config", default="debug", help="preset (debug, paper) or YAML/JSON file (default debug)"
-    )
+    add_config_args(p)
     p.add_argument("--data", help="nodule store (directory or s3://bucket/prefix)")
     p.add_argument("--storage", help="run storage (directory or s3://bucket/prefix)")
     p.add_argument("--storage-endpoint", help="S3 endpoint URL (MinIO etc.); default AWS_ENDPOINT_URL")
@@ -118,8 +110,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="resources of each trial's training run, e.g. workers=2,gpus_per_worker=0.25 "
         f"(keys: {', '.join(RESOURCE_KEYS)})",
     )
-    p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config field")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="insist on continuing an existing search (a search started again continues by itself)",
+    )
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else an embedded Ray)")
     p.set_defaults(func=cmd_tune)
     return p

@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 NODE_TYPES_ENV = "CLIPLUNG_NODE_TYPES"
-HEAD_RESOURCE = "node:__internal_head__"
 
 LOOPBACK = "127.0.0.1"
 
@@ -193,12 +192,15 @@ def check_placement(config: Config, *, extra_cpus: float = 0.0, drivers: float =
     (anywhere on the cluster); ``drivers``: CPUs of a Tune trial's driver."""
     t = config.train
     bundle = _worker_bundle(config)
-    nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in alive]
     types = declared_node_types()
     potential = list(nodes)
     growth = ""
     if types:
-        head = [n for n in nodes if HEAD_RESOURCE in n]
+        # The head is the node the GCS runs on; the node types describe the workers it can add.
+        gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+        head = [r for n, r in zip(alive, nodes, strict=True) if n.get("NodeManagerAddress") == gcs_host]
         potential = head + [
             {str(k): float(v) for k, v in (spec.get("resources") or {}).items()}
             for spec in types.values()

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint format clean
+.PHONY: setup system-deps demo test test-fast test-readme lint format clean
 
 setup: $(VENV)/.installed
 
@@ -30,10 +30,14 @@ demo: setup
 	$(BIN)/cliplung quickstart
 
 test: setup system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not readme" $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not readme" $(PYTEST_ARGS)
+
+# The README as a test: every command block it shows, run as printed in a scratch copy.
+test-readme: setup system-deps
+	$(BIN)/python -m pytest -m readme tests/test_readme.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

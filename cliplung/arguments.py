@@ -5,7 +5,12 @@ are config fields given as *values*: argparse has already typed them (``type=int
 and a string flag stays a string, so ``--name 42``, ``--name yes``, ``--data "runs/a #2"`` and URLs
 with colons arrive exactly as typed. Only ``--set section.field=VALUE`` parses its value as YAML
 (``--set model.n_ctx=8``, ``--set train.precision=bf16``, ``--set prepare.hu_window=[-1000,400]``).
-Order: the preset or YAML file, then the flags, then ``--set``.
+Order: the preset or YAML file, then the flags, then ``--set``, then ``CLIPLUNG_OVERRIDES``.
+
+**Scripted runs** (:data:`OVERRIDES_ENV`): ``CLIPLUNG_OVERRIDES="prepare.limit=40; tune.trials=2"``
+in the environment adds ``--set`` overrides after everything else, so a script can shrink the
+documented commands without rewriting them (the README test does: see ``tests/test_readme.py``).
+They are applied visibly: every run dumps the config it ran with.
 
 **One exit-code rule** (:func:`exit_code`): 0 success; 2 bad input (a config field, a store, a
 DICOM series, storage, a checkpoint, a run that was started otherwise, a prediction request),
@@ -26,13 +31,25 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "OVERRIDES_ENV",
     "add_config_args",
     "bad_input_errors",
     "config_from_args",
+    "environment_overrides",
     "exit_code",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+OVERRIDES_ENV = "CLIPLUNG_OVERRIDES"
+
+
+def environment_overrides() -> list[str]:
+    """``section.field=value`` items of ``CLIPLUNG_OVERRIDES`` (separated by ``;`` or newlines)."""
+    import os
+    import re
+
+    text = os.environ.get(OVERRIDES_ENV, "")
+    return [item.strip() for item in re.split(r"[;\n]", text) if item.strip()]
 
 
 def add_config_args(p: argparse.ArgumentParser, default: str = "debug") -> None:
@@ -60,9 +77,8 @@ def config_from_args(
         if value is not None:
             values[key] = value
     values.update(extra or {})
-    return load_config(
-        getattr(args, "config", None) or "debug", list(getattr(args, "set", None) or []), values=values
-    )
+    overrides = [*(getattr(args, "set", None) or []), *environment_overrides()]
+    return load_config(getattr(args, "config", None) or "debug", overrides, values=values)
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:

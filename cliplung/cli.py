@@ -18,6 +18,7 @@ from cliplung.arguments import (
     EXIT_OK,
     add_config_args,
     config_from_args,
+    environment_overrides,
     exit_code,
 )
 from cliplung.config import ConfigError, load_config
@@ -154,7 +155,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     config = load_config(
         "debug",
-        args.set,
+        [*args.set, *environment_overrides()],
         values={
             "data.store": args.store,
             "storage.path": args.storage,

@@ -67,13 +67,26 @@ def _fail(path: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"{path}: {message}")
 
 
+INT64_MAX = 2**63 - 1
+"""Largest integer any field takes unless a tighter bound is given: what numpy and torch can hold."""
+SEED_MAX = 2**32 - 1
+"""Seeds feed numpy's legacy seeding, scikit-learn's ``random_state`` and Optuna's sampler: 32 bits."""
+PORT_MAX = 65535
+FOLDS_MAX = 127
+"""The store keeps each nodule's fold as int8."""
+READERS_MAX = 4
+"""LIDC-IDRI has four readers; ``n_readers`` is stored as int8."""
+PATCH_SIZE_MAX = 256
+"""A patch is P^3 voxels per nodule in the store and per sample in a batch: 256^3 is 32 MiB already."""
+
+
 def _check_positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            _fail(f"{section}.{name}", f"must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            _fail(f"{section}.{name}", f"must be a finite number, got {value!r}")
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
             _fail(f"{section}.{name}", f"must be {bound}, got {value!r}")
@@ -81,8 +94,42 @@ def _check_positive(section: str, obj: Any, *names: str, allow_zero: bool = Fals
 
 def _check_choice(section: str, obj: Any, name: str, choices: tuple[Any, ...]) -> None:
     value = getattr(obj, name)
-    if value not in choices:
+    # Compared with their types: True == 1 in Python, but ``zero_stage: true`` is not stage 1.
+    if not any(type(value) is type(c) and value == c for c in choices):
         _fail(f"{section}.{name}", f"must be one of {list(choices)}, got {value!r}")
+
+
+def _kinds(tp: Any) -> set[type]:
+    """The scalar types a field's annotation admits (``Literal[0, 1, 2]`` admits int)."""
+    if typing.get_origin(tp) is Literal:
+        return {type(a) for a in typing.get_args(tp)}
+    args = typing.get_args(tp)
+    if not args:
+        return {tp} if isinstance(tp, type) else set()
+    return set().union(*(_kinds(a) for a in args if a is not Ellipsis))
+
+
+def _check_numbers(section: str, obj: Any, **bounds: tuple[int, int, str]) -> None:
+    """Every number in a field of ``obj`` (tuples included) fits what the code does with it.
+
+    No boolean where the field's type has none (YAML's ``true`` is not the integer 1), no NaN or
+    +/-inf in a float, every integer within ``bounds[name]`` = (low, high, why) or the int64 range.
+    Runs first in every section's ``__post_init__``, so fields added later are covered too.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{section}.{f.name}"
+        low, high, why = bounds.get(f.name, (-INT64_MAX - 1, INT64_MAX, ""))
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool):
+                kinds = _kinds(hints[f.name])
+                if bool not in kinds and kinds & {int, float}:
+                    _fail(path, f"must be a number, not a boolean, got {v!r}")
+            elif isinstance(v, float) and not math.isfinite(v):
+                _fail(path, f"must be a finite number, got {v!r}")
+            elif isinstance(v, int) and not low <= v <= high:
+                _fail(path, f"must be in [{low}, {high}]{why}, got {v!r}")
 
 
 @dataclass(kw_only=True)
@@ -115,13 +162,21 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         s = "prepare"
+        _check_numbers(
+            s,
+            self,
+            patch_size=(
+                8,
+                PATCH_SIZE_MAX,
+                f" ({PATCH_SIZE_MAX}^3 voxels per patch is the most it is built for)",
+            ),
+            folds=(2, FOLDS_MAX, " (the store keeps folds as int8)"),
+            min_readers=(1, READERS_MAX, f" (LIDC-IDRI nodules have at most {READERS_MAX} readers)"),
+            seed=(0, SEED_MAX, " (a 32-bit seed)"),
+        )
         _check_choice(s, self, "source", ("phantom", "lidc"))
         _check_choice(s, self, "on_error", ("skip", "fail"))
         _check_positive(s, self, "patch_size", "spacing_mm", "min_readers", "folds", "workers", "limit")
-        if self.patch_size < 8:
-            _fail(f"{s}.patch_size", f"must be >= 8, got {self.patch_size}")
-        if self.folds < 2:
-            _fail(f"{s}.folds", f"must be >= 2, got {self.folds}")
         lo, hi = self.hu_window
         if not lo < hi:
             _fail(f"{s}.hu_window", f"must be (low, high) with low < high, got {self.hu_window!r}")
@@ -145,6 +200,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         s = "data"
+        _check_numbers(
+            s,
+            self,
+            test_fold=(0, FOLDS_MAX - 1, " (folds are int8)"),
+            split_seed=(0, SEED_MAX, " (a 32-bit seed)"),
+        )
         _check_choice(s, self, "task", ("3class", "2class"))
         _check_positive(s, self, "test_fold", allow_zero=True)
         if not 0.0 < self.val_fraction < 1.0:
@@ -173,6 +234,7 @@ class AugmentConfig:
     """Std of a random scale and offset applied to the [0, 1] intensities."""
 
     def __post_init__(self) -> None:
+        _check_numbers("train.augment", self)
         _check_positive("train.augment", self, "max_shift", "intensity_jitter", allow_zero=True)
 
 
@@ -219,6 +281,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
+        _check_numbers(s, self)
         _check_choice(s, self, "method", ("ce", "coop", "cocoop", "cliplung"))
         _check_choice(s, self, "image_encoder", ("resnet18_2d", "resnet18_3d"))
         _check_choice(s, self, "attribute_prompts", ("name", "rating"))
@@ -280,6 +343,7 @@ class TrainConfig:
         s = "train"
         if isinstance(self.augment, dict):
             self.augment = _build(AugmentConfig, self.augment, f"{s}.augment")
+        _check_numbers(s, self, seed=(0, SEED_MAX, " (a 32-bit seed)"))
         _check_choice(s, self, "optimizer", ("sgd", "adamw"))
         _check_choice(s, self, "zero_stage", (0, 1, 2))
         _check_choice(s, self, "precision", ("auto", "fp32", "bf16"))
@@ -327,6 +391,7 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         s = "tune.space"
+        _check_numbers(s, self)
         if not self.n_ctx:
             _fail(f"{s}.n_ctx", "must list at least one prompt length")
         for v in self.n_ctx:
@@ -366,6 +431,7 @@ class TuneConfig:
         s = "tune"
         if isinstance(self.space, dict):
             self.space = _build(SearchSpace, self.space, f"{s}.space")
+        _check_numbers(s, self, seed=(0, SEED_MAX, " (a 32-bit seed)"))
         _check_choice(s, self, "mode", ("max", "min"))
         _check_positive(s, self, "trials", "max_concurrent", "grace_period", "reduction_factor")
         if self.reduction_factor < 2:
@@ -392,7 +458,7 @@ class MetricsConfig:
     """Port of the node's metrics endpoint (0: pick a free port)."""
 
     def __post_init__(self) -> None:
-        _check_positive("metrics", self, "port", allow_zero=True)
+        _check_numbers("metrics", self, port=(0, PORT_MAX, " (a TCP port)"))
 
 
 @dataclass(kw_only=True)
@@ -418,6 +484,24 @@ class Config:
                 setattr(self, f.name, _build(_resolve_type(Config, f.name), value, f.name))
         if not self.name or "/" in self.name or self.name.startswith("."):
             _fail("name", f"must be a non-empty name without '/', got {self.name!r}")
+        self._check_metric_names()
+
+    def _check_metric_names(self) -> None:
+        """``train.checkpoint_metric`` and ``tune.metric`` must be metrics the loop reports for this
+        task and method: a name it never reports would only fail once workers run."""
+        from cliplung.train.metrics import reported_metrics
+
+        reported = reported_metrics(self.data.class_names, self.model.method)
+        for path, metric in (
+            ("train.checkpoint_metric", self.train.checkpoint_metric),
+            ("tune.metric", self.tune.metric),
+        ):
+            if metric not in reported:
+                _fail(
+                    path,
+                    f"{metric!r} is not a metric training reports for data.task={self.data.task!r} and "
+                    f"model.method={self.model.method!r}; choose one of {', '.join(reported)}",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -590,7 +674,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(exc))
         _fail(path, f"invalid value {value!r}")
     if origin is Literal:
-        if value not in args:
+        if not any(type(value) is type(a) and value == a for a in args):
             _fail(path, f"must be one of {list(args)}, got {value!r}")
         return value
     if origin is tuple:
@@ -612,7 +696,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(path, f"must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            _fail(path, f"must be a finite number, got {value!r:.40}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             _fail(path, f"must be a string, got {value!r}")

@@ -26,14 +26,13 @@ NODULE_MM = (-4.4, -13.2, -88.0)  # (x, y, z): column 19.5, row 21, slice 6
 
 def write_series(directory: Path, hu: np.ndarray, **kwargs) -> Path:
     """``hu`` (z, y, x) as an axial CT series with this module's geometry."""
-    write_ct_series(
-        directory,
-        hu,
-        z_positions=[ORIGIN[2] + k * SPACING[0] for k in range(hu.shape[0])],
-        pixel_spacing=(SPACING[1], SPACING[2]),
-        origin_xy=(ORIGIN[0], ORIGIN[1]),
-        **{"series_uid": "1.2.826.0.1.3680043.8.498.77", **kwargs},
-    )
+    defaults = {
+        "z_positions": [ORIGIN[2] + k * SPACING[0] for k in range(hu.shape[0])],
+        "pixel_spacing": (SPACING[1], SPACING[2]),
+        "origin_xy": (ORIGIN[0], ORIGIN[1]),
+        "series_uid": "1.2.826.0.1.3680043.8.498.77",
+    }
+    write_ct_series(directory, hu, **{**defaults, **kwargs})
     return directory
 
 
@@ -205,3 +204,120 @@ def test_store_of_another_patch_size_is_refused(checkpoint, tmp_path) -> None:
     with pytest.raises(StoreError, match=r"20\^3 patches but checkpoint .*model.pt was trained on 16\^3"):
         predict_store(path, str(tmp_path / "big"), str(tmp_path / "x.parquet"))
     assert not (tmp_path / "x.parquet").exists()
+
+
+# --------------------------------------------------------------------------- as strict as prepare
+
+
+def test_feet_first_series_scores_as_the_head_first_one(checkpoint, series, tmp_path) -> None:
+    # The same anatomy stored with rows along -x: slice normal towards the feet, slices in the
+    # other order. prepare and predict both flip it into patient axes, so the patch is the same.
+    path, _ = checkpoint
+    mirrored = write_series(
+        tmp_path / "ff",
+        phantom_hu()[:, :, ::-1],
+        orientation=(-1, 0, 0, 0, 1, 0),
+        origin_xy=(ORIGIN[0] + (SHAPE[2] - 1) * SPACING[2], ORIGIN[1]),
+    )
+    head_first = predict_dicom(path, series, NODULE_MM)
+    feet_first = predict_dicom(path, mirrored, NODULE_MM)
+    assert feet_first["probabilities"] == pytest.approx(head_first["probabilities"], abs=1e-12)
+    np.testing.assert_allclose(feet_first["center_voxel_zyx"], head_first["center_voxel_zyx"], atol=1e-9)
+    # Voxel units are the stored images' column and row: column 19.5 there is column 19.5 from
+    # the other side here.
+    by_voxel = predict_dicom(path, mirrored, f"{SHAPE[2] - 1 - 19.5},21,6", units="voxel")
+    assert by_voxel["probabilities"] == pytest.approx(head_first["probabilities"], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Coronal slices, stacked along y (their normal): a consistent series, but not axial.
+        (
+            {"orientation": (1, 0, 0, 0, 0, -1), "z_positions": [0.0] * SHAPE[0], "shear_xy": (0.0, 2.0)},
+            r"series is not axial: slice normal \[0\.0, 1\.0, 0\.0\]",
+        ),
+        ({"pixel_spacing": (0.0, 0.0)}, r"PixelSpacing \[0\.0, 0\.0\] mm, expected two values > 0"),
+        ({"pixel_spacing": (-0.8, -0.8)}, r"PixelSpacing \[-0\.8, -0\.8\] mm, expected two values > 0"),
+        ({"slope": 0.0}, r"RescaleSlope is 0"),
+        ({"slope": float("nan")}, r"RescaleSlope is nan, expected a finite number"),
+        ({"slope": float("inf")}, r"RescaleSlope is inf, expected a finite number"),
+        ({"intercept": float("nan")}, r"RescaleIntercept is nan, expected a finite number"),
+    ],
+)
+def test_series_prepare_refuses_are_refused(checkpoint, tmp_path, change, message) -> None:
+    path, _ = checkpoint
+    hu, kwargs = phantom_hu(), dict(change)
+    for key in ("slope", "intercept"):
+        if key in kwargs:  # written as given, whatever it does to the stored values
+            value = kwargs.pop(key)
+            kwargs["extra"] = {"Rescale" + key.capitalize(): value}
+    folder = write_series(tmp_path / "s", hu, **kwargs)
+    with pytest.raises(DicomError, match=message) as info:
+        predict_dicom(path, folder, "19.5,21,6", units="voxel")
+    assert str(info.value).startswith(f"{folder}: ")
+
+
+def _exported(tmp_path: Path, *overrides: str) -> Path:
+    cfg = apply_overrides(preset("debug"), list(overrides))
+    model = build_model(cfg.model, num_classes=3, patch_size=cfg.prepare.patch_size)
+    return save_inference(model, cfg, tmp_path / "ckpt" / "model.pt")
+
+
+def test_a_patch_with_nothing_in_the_window_is_refused(series, tmp_path) -> None:
+    path = _exported(tmp_path, "prepare.hu_window=[3000, 4000]")
+    with pytest.raises(
+        DicomError, match=r"holds the single value 0 after the HU window \[3000\.0, 4000\.0\]"
+    ):
+        predict_dicom(path, series, NODULE_MM)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        (
+            {"spacing_mm": 2.0},
+            r"store .*big was prepared with spacing_mm=2 but checkpoint .*model\.pt was trained on "
+            r"spacing_mm=1 \(prepare\.spacing_mm\); use data prepared with cliplung prepare --spacing 1",
+        ),
+        (
+            {"hu_window": [-1200.0, 600.0]},
+            r"prepared with hu_window=-1200,600 but checkpoint .* trained on hu_window=-1000,400 "
+            r"\(prepare\.hu_window\); use data prepared with cliplung prepare --hu-window -1000,400",
+        ),
+    ],
+)
+def test_store_of_another_spacing_or_window_is_refused(checkpoint, tmp_path, attrs, message) -> None:
+    import zarr
+
+    path, _ = checkpoint
+    store = _store_from_patches(tmp_path / "big", np.random.default_rng(0).random((2, 16, 16, 16)))
+    group = zarr.open_group(store.path, mode="r+")
+    group.attrs.update(attrs)
+    with pytest.raises(StoreError, match=message):
+        predict_store(path, store.path, str(tmp_path / "x.parquet"))
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_cli_exits_2_naming_the_file(checkpoint, tmp_path, capsys) -> None:
+    from cliplung.cli import main
+
+    path, _ = checkpoint
+    folder = write_series(tmp_path / "s", phantom_hu(), extra={"RescaleSlope": 0})
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(path),
+                "--dicom-dir",
+                str(folder),
+                "--center=19.5,21,6",
+                "--units",
+                "voxel",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "cliplung predict: error: " in err and "RescaleSlope is 0" in err and "Traceback" not in err

@@ -503,7 +503,7 @@ def patient_axes(volume: CTVolume, *, scan: str = "") -> CTVolume:
             else ""
         )
         raise DicomError(
-            f"{name}: file {first}: series is not axial: slice normal {np.round(normal, 3).tolist()} is "
+            f"{name}: file {first}: series is not axial: slice normal {(np.round(normal, 3) + 0.0).tolist()} is "
             f"{angle:.1f} degrees from the z axis{tilt}; only axial series are supported"
         )
     if not (
@@ -511,8 +511,8 @@ def patient_axes(volume: CTVolume, *, scan: str = "") -> CTVolume:
         and np.allclose(np.abs(d[:, 1]), (0.0, 1.0, 0.0), atol=AXIS_TOLERANCE)
     ):
         raise DicomError(
-            f"{name}: file {first}: the image rows run along {np.round(d[:, 0], 3).tolist()} and the "
-            f"columns along {np.round(d[:, 1], 3).tolist()} (ImageOrientationPatient): only images "
+            f"{name}: file {first}: the image rows run along {(np.round(d[:, 0], 3) + 0.0).tolist()} and the "
+            f"columns along {(np.round(d[:, 1], 3) + 0.0).tolist()} (ImageOrientationPatient): only images "
             "whose rows follow the patient x axis and columns the y axis are supported (no in-plane rotation)"
         )
     flip_x, flip_y, flip_z = bool(d[0, 0] < 0), bool(d[1, 1] < 0), bool(normal[2] < 0)

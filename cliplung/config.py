@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -575,7 +576,7 @@ def load_config(source: str | Path | None = None, overrides: typing.Sequence[str
                 f"config: {source!r} is neither a preset ({sorted(PRESETS)}) nor a readable file"
             )
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config: {path}: not valid YAML/JSON: {exc}") from None
         if not isinstance(loaded, dict):
@@ -617,12 +618,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # --------------------------------------------------------------------------- internals
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), which reads ``1e-5`` as a string, plus the float form without
+    a dot that YAML 1.2 and JSON use (``json.dumps(1e-05)`` writes ``1e-05``): ``--set train.lr=1e-2``
+    and a dumped ``config.json`` must give numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no tags that build objects
+
+
 def _apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected section.field=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")

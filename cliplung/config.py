@@ -20,6 +20,7 @@ import math
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -485,6 +486,15 @@ class Config:
                 setattr(self, f.name, _build(_resolve_type(Config, f.name), value, f.name))
         if not self.name or "/" in self.name or self.name.startswith("."):
             _fail("name", f"must be a non-empty name without '/', got {self.name!r}")
+        # The name is a directory (and an S3 key part): no control characters, at most 255 bytes.
+        if (
+            any(unicodedata.category(c) in ("Cc", "Cs") for c in self.name)
+            or len(self.name.encode("utf-8", "replace")) > 255
+        ):
+            _fail("name", f"must be printable and at most 255 bytes as UTF-8, got {self.name!r:.80}")
+        if self.preset is not None and self.preset not in PRESETS:
+            # load_config starts a dumped config from its ``preset:``: an unknown one would not reload.
+            _fail("preset", f"must be one of {sorted(PRESETS)} or null, got {self.preset!r}")
         self._check_metric_names()
 
     def _check_metric_names(self) -> None:
@@ -576,12 +586,16 @@ def load_config(source: str | Path | None = None, overrides: typing.Sequence[str
                 f"config: {source!r} is neither a preset ({sorted(PRESETS)}) nor a readable file"
             )
         try:
-            loaded = _yaml_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            loaded = _yaml_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config: {path}: not valid YAML/JSON: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config: {path}: cannot be read: {exc.strerror or exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {path}: must hold a mapping, got {type(loaded).__name__}")
         base = loaded.get("preset")
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"preset: must be a preset name, got {base!r} (in {path})")
         data = preset(base).to_dict() if base else Config().to_dict()
         _deep_update(data, loaded, "")
     for item in overrides:
@@ -601,12 +615,12 @@ def dump_config(config: Config, path: str | Path | None = None) -> str:
     """YAML text of the config; written to ``path`` (``.json`` for JSON) when given."""
     data = config.to_dict()
     if path is not None and str(path).endswith(".json"):
-        text = json.dumps(data, indent=2) + "\n"
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"  # "\ud83d..." would not reload
     else:
         text = yaml.safe_dump(data, sort_keys=False)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        Path(path).write_text(text, encoding="utf-8")
     return text
 
 

@@ -291,6 +291,9 @@ ERRORS = [
     ("name=a/b", r"name: must be a non-empty name without '/', got 'a/b'"),
     ("name=.hidden", r"name: must be a non-empty name without '/', got '.hidden'"),
     ("name=", r"name: must be a non-empty name without '/', got ''"),
+    ('name="a\\0b"', r"name: must be printable and at most 255 bytes as UTF-8, got 'a\\x00b'"),
+    (f"name={'n' * 256}", r"name: must be printable and at most 255 bytes as UTF-8, got 'nnn"),
+    ("preset=large", r"preset: must be one of \['debug', 'paper'\] or null, got 'large'"),
     ("model.n_ctx", r"override 'model.n_ctx': expected section.field=value"),
     ("modell.n_ctx=4", r"modell: no such config section \(in override 'modell.n_ctx=4'\)"),
     ("model.nctx=4", r"model.nctx: no such config field \(in override 'model.nctx=4'\)"),
@@ -336,6 +339,7 @@ def test_method_ce_needs_its_loss() -> None:
         ("trian:\n  epochs: 2\n", r"trian: no such config field"),
         ("train:\n  epoch: 2\n", r"train.epoch: no such config field"),
         ("preset: huge\n", r"preset: unknown preset 'huge'"),
+        ("preset: [debug]\n", r"preset: must be a preset name, got \['debug'\] \(in .*bad.yaml\)"),
         ("train:\n  zero_stage: true\n", r"train.zero_stage: must be one of \[0, 1, 2\], got True"),
         ("prepare:\n  hu_window: [-1000, .inf]\n", r"prepare.hu_window: must be a finite number, got inf"),
     ],
@@ -345,6 +349,20 @@ def test_file_errors_name_the_file_or_field(tmp_path: Path, text: str, message: 
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"^{message}"):
         load_config(path)
+
+
+def test_a_binary_file_is_not_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=r"^config: .*bad.yaml: not valid YAML/JSON"):
+        load_config(path)
+
+
+def test_json_dump_keeps_any_name(tmp_path: Path) -> None:
+    # json.dumps escapes U+1F600 as a surrogate pair, which YAML would read back as two characters.
+    cfg = apply_overrides(preset("debug"), ["name=run-\U0001f600"])
+    dump_config(cfg, tmp_path / "c.json")
+    assert load_config(tmp_path / "c.json").name == "run-\U0001f600"
 
 
 def test_missing_source() -> None:

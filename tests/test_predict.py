@@ -321,3 +321,55 @@ def test_cli_exits_2_naming_the_file(checkpoint, tmp_path, capsys) -> None:
     )
     err = capsys.readouterr().err
     assert "cliplung predict: error: " in err and "RescaleSlope is 0" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- the inference format
+
+
+class _Arbitrary:
+    """Any pickled class: weights-only loading must refuse it."""
+
+
+def test_inference_export_errors_name_the_file(checkpoint, tmp_path) -> None:
+    """The format checks live in cliplung.model.export alone; every failure names the file."""
+    import torch
+
+    from cliplung.model.export import CheckpointError, check_inference_payload, load_inference
+
+    good, cfg = checkpoint
+    assert load_inference(good)[1] == cfg
+    assert check_inference_payload(torch.load(good, weights_only=True), name="x") == cfg
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    payload = torch.load(good, weights_only=True)
+    wide = _exported(tmp_path, "model.image_width=16")
+    mismatch = {**torch.load(wide, weights_only=True), "config": cfg.to_dict()}
+    cases = {
+        "truncated.pt": (None, r"truncated\.pt: not a readable checkpoint \(truncated, corrupt"),
+        "mismatch.pt": (mismatch, r"mismatch\.pt: its weights do not fit the model its stored config"),
+        "other.pt": ({"state_dict": {}}, r"other\.pt: not a cliplung-inference export"),
+        "version.pt": (
+            {**payload, "version": 7},
+            r"version\.pt: cliplung-inference version 7 is not supported",
+        ),
+        "cfg.pt": (
+            {"format": "cliplung-inference", "version": 1, "config": {"model": {"n_ctx": 0}}},
+            r"cfg\.pt: the config stored in the checkpoint is invalid: model.n_ctx: must be > 0",
+        ),
+        "nostate.pt": (
+            {**payload, "state_dict": None},
+            r"nostate\.pt: the cliplung-inference export holds no state_dict",
+        ),
+        "pickle.pt": ({"format": _Arbitrary()}, r"pickle\.pt: not a readable checkpoint"),
+        "absent.pt": (None, r"absent\.pt: no such checkpoint file"),
+    }
+    for name, (content, message) in cases.items():
+        if content is not None:
+            torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            load_inference(tmp_path / name)
+    # A local copy of a remote file is named as the remote one.
+    with pytest.raises(CheckpointError, match=r"^s3://b/run/model\.pt: not a cliplung-inference export"):
+        load_inference(tmp_path / "other.pt", name="s3://b/run/model.pt")
+    with pytest.raises(CheckpointError, match=r"^not a cliplung-inference export"):
+        load_inference({"format": "other"})  # an in-memory payload has no file to name

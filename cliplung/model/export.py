@@ -83,24 +83,27 @@ def save_inference(model: Any, config: Config, path: str | Path) -> Path:
     return path
 
 
-def check_inference_payload(payload: Any, *, name: str = "payload") -> Config:
-    """The config of an inference export, or a :class:`CheckpointError` naming ``name``: the payload
-    must be a ``{FORMAT}`` dict of a supported version whose stored config is valid."""
+def check_inference_payload(payload: Any, *, name: str | None = None) -> Config:
+    """The config of an inference export, or a :class:`CheckpointError` starting with ``name`` (the
+    file; None for an in-memory payload): the payload must be a ``{FORMAT}`` dict of a supported
+    version whose stored config is valid."""
+    name = f"{name}: " if name else ""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
-            f"{name}: not a {FORMAT} export (expected the model.pt that training writes into every "
+            f"{name}not a {FORMAT} export (expected the model.pt that training writes into every "
             "checkpoint directory)"
         )
     if payload.get("version") != VERSION:
         raise CheckpointError(
-            f"{name}: {FORMAT} version {payload.get('version')!r} is not supported (expected {VERSION})"
+            f"{name}{FORMAT} version {payload.get('version')!r} is not supported (expected {VERSION})"
         )
-    if not isinstance(payload.get("state_dict"), dict):
-        raise CheckpointError(f"{name}: the {FORMAT} export holds no state_dict")
     try:
-        return config_from_dict(payload.get("config") or {})
+        config = config_from_dict(payload.get("config") or {})
     except (ConfigError, TypeError, AttributeError, ValueError) as exc:
-        raise CheckpointError(f"{name}: the config stored in the checkpoint is invalid: {exc}") from None
+        raise CheckpointError(f"{name}the config stored in the checkpoint is invalid: {exc}") from None
+    if not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{name}the {FORMAT} export holds no state_dict")
+    return config
 
 
 def _read_payload(path: Path, name: str, map_location: str | torch.device) -> Any:
@@ -128,8 +131,7 @@ def load_inference(
     copy of a remote one).
     """
     if isinstance(source, dict):
-        shown = name or "payload"
-        payload = source
+        shown, payload = name, source
     else:
         shown = name or str(source)
         payload = _read_payload(Path(source), shown, map_location)
@@ -143,8 +145,9 @@ def load_inference(
         detail = " ".join(str(exc).split())
         if len(detail) > 400:
             detail = detail[:400] + " ..."
+        prefix = f"{shown}: " if shown else ""
         raise CheckpointError(
-            f"{shown}: its weights do not fit the model its stored config describes (saved from another "
+            f"{prefix}its weights do not fit the model its stored config describes (saved from another "
             f"model configuration?): {detail}"
         ) from None
     return model.to(map_location).eval(), config

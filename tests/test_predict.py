@@ -373,3 +373,23 @@ def test_inference_export_errors_name_the_file(checkpoint, tmp_path) -> None:
         load_inference(tmp_path / "other.pt", name="s3://b/run/model.pt")
     with pytest.raises(CheckpointError, match=r"^not a cliplung-inference export"):
         load_inference({"format": "other"})  # an in-memory payload has no file to name
+
+
+def test_training_applies_the_same_rule_naming_the_set_flag(tmp_path, synthetic_store) -> None:
+    """One preprocessing rule: training refuses the store too, but the config can still change."""
+    from cliplung.config import ConfigError
+    from cliplung.data.ingest import open_training_store
+
+    base = [f"data.store={synthetic_store.path}"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^prepare.hu_window: store .* was prepared with hu_window=-1000,400 but the config says "
+        r"-1200,600 \(pass --set prepare.hu_window=\[-1000,400\] or rebuild the store\)$",
+    ):
+        open_training_store(apply_overrides(preset("debug"), [*base, "prepare.hu_window=[-1200, 600]"]))
+    with pytest.raises(
+        ConfigError, match=r"^prepare.spacing_mm: .* was prepared with spacing_mm=1 but the config says 0.5"
+    ):
+        open_training_store(apply_overrides(preset("debug"), [*base, "prepare.spacing_mm=0.5"]))
+    _, splits = open_training_store(apply_overrides(preset("debug"), base))
+    assert len(splits.train) > 0

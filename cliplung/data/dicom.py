@@ -355,8 +355,37 @@ def read_series(
         datasets.append((path, ds))
     if not datasets:
         raise DicomError(f"{name}: none of the {len(paths)} files belongs to series {series_uid}")
-
     # Geometry from headers first: a refused series costs no pixel decoding.
+    stack = _stack(datasets, series_uid, name)
+    return CTVolume(
+        hu=_decode_hu(stack.records, stack.shape, name),
+        spacing=(stack.gap, float(stack.spacing_yx[0]), float(stack.spacing_yx[1])),
+        origin=tuple(float(v) for v in stack.ipp[0]),
+        direction=stack.direction,
+        slice_positions=stack.along,
+        z_positions=stack.ipp[:, 2].copy(),
+        series_uid=series_uid,
+        files=tuple(str(r[0]) for r in stack.records),
+    )
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """A series' slices placed from their headers alone, in order along the slice normal."""
+
+    records: list[tuple[Path, object, float, float]]
+    """(file, dataset, rescale slope, rescale intercept) per slice."""
+    shape: tuple[int, int]
+    spacing_yx: np.ndarray
+    direction: np.ndarray
+    ipp: np.ndarray
+    along: np.ndarray
+    gap: float
+
+
+def _stack(datasets: list, series_uid: str, name: str) -> _Stack:
+    """Check every header and order the slices (see :func:`read_series` for what is refused). One
+    function on purpose: the checks build on each other in the order a reader would make them."""
     for path, ds in datasets:
         _check_file_kind(ds, path, name)
     first_path, first = datasets[0]
@@ -370,13 +399,13 @@ def read_series(
     positions, records = [], []
     for path, ds in datasets:
         size = (_count(ds, "Rows", path, name, 0), _count(ds, "Columns", path, name, 0))
-        if size != shape or 0 in shape:
+        if size != shape:
             raise DicomError(
                 f"{name}: file {path}: image size {size[0]}x{size[1]} differs from "
                 f"{shape[0]}x{shape[1]} in {first_path.name}"
-                if size != shape
-                else f"{name}: file {path}: image size {size[0]}x{size[1]} (Rows x Columns) is empty"
             )
+        if 0 in shape:
+            raise DicomError(f"{name}: file {path}: image size {size[0]}x{size[1]} (Rows x Columns) is empty")
         if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, path, name), orientation, atol=1e-4):
             raise DicomError(f"{name}: file {path}: ImageOrientationPatient differs from {first_path.name}")
         if not np.allclose(_floats(ds, "PixelSpacing", 2, path, name), spacing_yx, rtol=1e-4, atol=1e-5):
@@ -390,39 +419,44 @@ def read_series(
 
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    if not (
-        np.isclose(np.linalg.norm(row_dir), 1.0, atol=1e-3)
-        and np.isclose(np.linalg.norm(col_dir), 1.0, atol=1e-3)
-        and np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3)
-    ):
+    if not all(np.isclose(np.linalg.norm(v), 1.0, atol=1e-3) for v in (row_dir, col_dir, normal)):
         raise DicomError(f"{name}: file {first_path}: ImageOrientationPatient is not two orthonormal vectors")
     ipp = np.stack(positions)
-    along = ipp @ normal
+    with np.errstate(over="ignore", invalid="ignore"):
+        along = ipp @ normal
+    if not np.isfinite(along).all() or np.abs(ipp).max() > 1e7:  # 10 km: no scanner is that big
+        raise DicomError(f"{name}: ImagePositionPatient values out of range (up to {np.abs(ipp).max():g} mm)")
     order = np.argsort(along, kind="stable")
     along, ipp = along[order], ipp[order]
     records = [records[i] for i in order]
     if len(records) < 2:
         raise DicomError(f"{name}: series {series_uid} has a single slice; a volume needs at least two")
+    files = [r[0] for r in records]
     gaps = np.diff(along)
     for i, gap in enumerate(gaps):
         if gap < 1e-3:
             raise DicomError(
-                f"{name}: files {records[i][0]} and {records[i + 1][0]}: duplicate slice position {along[i]:.3f} mm"
+                f"{name}: files {files[i]} and {files[i + 1]}: duplicate slice position {along[i]:.3f} mm"
             )
     median = float(np.median(gaps))
     for i, gap in enumerate(gaps):
         if gap > GAP_FACTOR * median:
             raise DicomError(
-                f"{name}: missing slice between files {records[i][0]} and {records[i + 1][0]}: gap {gap:.3f} mm, "
+                f"{name}: missing slice between files {files[i]} and {files[i + 1]}: gap {gap:.3f} mm, "
                 f"slice spacing {median:.3f} mm"
             )
         if abs(gap - median) > SPACING_TOLERANCE * median:
             raise DicomError(
-                f"{name}: non-uniform slice spacing at file {records[i + 1][0]}: gap {gap:.3f} mm, "
+                f"{name}: non-uniform slice spacing at file {files[i + 1]}: gap {gap:.3f} mm, "
                 f"median {median:.3f} mm (tolerance {SPACING_TOLERANCE:.0%})"
             )
-    _check_not_sheared(ipp, along, normal, spacing_yx, [r[0] for r in records], records[0][1], name)
+    _check_not_sheared(ipp, along, normal, spacing_yx, files, records[0][1], name)
+    direction = np.stack([row_dir, col_dir, normal], axis=1)
+    return _Stack(records, shape, spacing_yx, direction, ipp, along, median)
 
+
+def _decode_hu(records: list, shape: tuple[int, int], name: str) -> np.ndarray:
+    """float32 (z, y, x) HU of the ordered slices: ``slope * stored + intercept``."""
     hu = None  # allocated once the first slice decodes to the header's size (Rows x Columns may lie)
     for k, (path, ds, slope, intercept) in enumerate(records):
         try:
@@ -443,18 +477,7 @@ def read_series(
                 f"{name}: file {path}: RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give HU "
                 "values beyond float32"
             )
-
-    direction = np.stack([row_dir, col_dir, normal], axis=1)
-    return CTVolume(
-        hu=hu,
-        spacing=(median, float(spacing_yx[0]), float(spacing_yx[1])),
-        origin=tuple(float(v) for v in ipp[0]),
-        direction=direction,
-        slice_positions=along,
-        z_positions=ipp[:, 2].copy(),
-        series_uid=series_uid,
-        files=tuple(str(r[0]) for r in records),
-    )
+    return hu
 
 
 def _check_not_sheared(

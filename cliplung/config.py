@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,13 +71,26 @@ def _fail(path: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"{path}: {message}")
 
 
+INT64_MAX = 2**63 - 1
+"""Largest integer any field takes unless a tighter bound is given: what numpy and torch can hold."""
+SEED_MAX = 2**32 - 1
+"""Seeds feed numpy's legacy seeding, scikit-learn's ``random_state`` and Optuna's sampler: 32 bits."""
+PORT_MAX = 65535
+FOLDS_MAX = 127
+"""The store keeps each nodule's fold as int8."""
+READERS_MAX = 4
+"""LIDC-IDRI has four readers; ``n_readers`` is stored as int8."""
+PATCH_SIZE_MAX = 256
+"""A patch is P^3 voxels per nodule in the store and per sample in a batch: 256^3 is 32 MiB already."""
+
+
 def _check_positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            _fail(f"{section}.{name}", f"must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            _fail(f"{section}.{name}", f"must be a finite number, got {value!r}")
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
             _fail(f"{section}.{name}", f"must be {bound}, got {value!r}")
@@ -83,8 +98,42 @@ def _check_positive(section: str, obj: Any, *names: str, allow_zero: bool = Fals
 
 def _check_choice(section: str, obj: Any, name: str, choices: tuple[Any, ...]) -> None:
     value = getattr(obj, name)
-    if value not in choices:
+    # Compared with their types: True == 1 in Python, but ``zero_stage: true`` is not stage 1.
+    if not any(type(value) is type(c) and value == c for c in choices):
         _fail(f"{section}.{name}", f"must be one of {list(choices)}, got {value!r}")
+
+
+def _kinds(tp: Any) -> set[type]:
+    """The scalar types a field's annotation admits (``Literal[0, 1, 2]`` admits int)."""
+    if typing.get_origin(tp) is Literal:
+        return {type(a) for a in typing.get_args(tp)}
+    args = typing.get_args(tp)
+    if not args:
+        return {tp} if isinstance(tp, type) else set()
+    return set().union(*(_kinds(a) for a in args if a is not Ellipsis))
+
+
+def _check_numbers(section: str, obj: Any, **bounds: tuple[int, int, str]) -> None:
+    """Every number in a field of ``obj`` (tuples included) fits what the code does with it.
+
+    No boolean where the field's type has none (YAML's ``true`` is not the integer 1), no NaN or
+    +/-inf in a float, every integer within ``bounds[name]`` = (low, high, why) or the int64 range.
+    Runs first in every section's ``__post_init__``, so fields added later are covered too.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{section}.{f.name}"
+        low, high, why = bounds.get(f.name, (-INT64_MAX - 1, INT64_MAX, ""))
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool):
+                kinds = _kinds(hints[f.name])
+                if bool not in kinds and kinds & {int, float}:
+                    _fail(path, f"must be a number, not a boolean, got {v!r}")
+            elif isinstance(v, float) and not math.isfinite(v):
+                _fail(path, f"must be a finite number, got {v!r}")
+            elif isinstance(v, int) and not low <= v <= high:
+                _fail(path, f"must be in [{low}, {high}]{why}, got {v!r}")
 
 
 @dataclass(kw_only=True)
@@ -117,13 +166,21 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         s = "prepare"
+        _check_numbers(
+            s,
+            self,
+            patch_size=(
+                8,
+                PATCH_SIZE_MAX,
+                f" ({PATCH_SIZE_MAX}^3 voxels per patch is the most it is built for)",
+            ),
+            folds=(2, FOLDS_MAX, " (the store keeps folds as int8)"),
+            min_readers=(1, READERS_MAX, f" (LIDC-IDRI nodules have at most {READERS_MAX} readers)"),
+            seed=(0, SEED_MAX, " (a 32-bit seed)"),
+        )
         _check_choice(s, self, "source", ("phantom", "lidc"))
         _check_choice(s, self, "on_error", ("skip", "fail"))
         _check_positive(s, self, "patch_size", "spacing_mm", "min_readers", "folds", "workers", "limit")
-        if self.patch_size < 8:
-            _fail(f"{s}.patch_size", f"must be >= 8, got {self.patch_size}")
-        if self.folds < 2:
-            _fail(f"{s}.folds", f"must be >= 2, got {self.folds}")
         lo, hi = self.hu_window
         if not lo < hi:
             _fail(f"{s}.hu_window", f"must be (low, high) with low < high, got {self.hu_window!r}")
@@ -147,6 +204,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         s = "data"
+        _check_numbers(
+            s,
+            self,
+            test_fold=(0, FOLDS_MAX - 1, " (folds are int8)"),
+            split_seed=(0, SEED_MAX, " (a 32-bit seed)"),
+        )
         _check_choice(s, self, "task", ("3class", "2class"))
         _check_positive(s, self, "test_fold", allow_zero=True)
         if not 0.0 < self.val_fraction < 1.0:
@@ -175,6 +238,7 @@ class AugmentConfig:
     """Std of a random scale and offset applied to the [0, 1] intensities."""
 
     def __post_init__(self) -> None:
+        _check_numbers("train.augment", self)
         _check_positive("train.augment", self, "max_shift", "intensity_jitter", allow_zero=True)
 
 
@@ -221,6 +285,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
+        _check_numbers(s, self)
         _check_choice(s, self, "method", ("ce", "coop", "cocoop", "cliplung"))
         _check_choice(s, self, "image_encoder", ("resnet18_2d", "resnet18_3d"))
         _check_choice(s, self, "attribute_prompts", ("name", "rating"))
@@ -283,6 +348,7 @@ class TrainConfig:
         s = "train"
         if isinstance(self.augment, dict):
             self.augment = _build(AugmentConfig, self.augment, f"{s}.augment")
+        _check_numbers(s, self, seed=(0, SEED_MAX, " (a 32-bit seed)"))
         _check_choice(s, self, "optimizer", ("sgd", "adamw"))
         _check_choice(s, self, "zero_stage", (0, 1, 2))
         _check_choice(s, self, "precision", ("auto", "fp32", "bf16"))
@@ -330,6 +396,7 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         s = "tune.space"
+        _check_numbers(s, self)
         if not self.n_ctx:
             _fail(f"{s}.n_ctx", "must list at least one prompt length")
         for v in self.n_ctx:
@@ -369,6 +436,7 @@ class TuneConfig:
         s = "tune"
         if isinstance(self.space, dict):
             self.space = _build(SearchSpace, self.space, f"{s}.space")
+        _check_numbers(s, self, seed=(0, SEED_MAX, " (a 32-bit seed)"))
         _check_choice(s, self, "mode", ("max", "min"))
         _check_positive(s, self, "trials", "max_concurrent", "grace_period", "reduction_factor")
         if self.reduction_factor < 2:
@@ -395,7 +463,7 @@ class MetricsConfig:
     """Port of the node's metrics endpoint (0: pick a free port)."""
 
     def __post_init__(self) -> None:
-        _check_positive("metrics", self, "port", allow_zero=True)
+        _check_numbers("metrics", self, port=(0, PORT_MAX, " (a TCP port)"))
 
 
 @dataclass(kw_only=True)
@@ -421,6 +489,33 @@ class Config:
                 setattr(self, f.name, _build(_resolve_type(Config, f.name), value, f.name))
         if not self.name or "/" in self.name or self.name.startswith("."):
             _fail("name", f"must be a non-empty name without '/', got {self.name!r}")
+        # The name is a directory (and an S3 key part): no control characters, at most 255 bytes.
+        if (
+            any(unicodedata.category(c) in ("Cc", "Cs") for c in self.name)
+            or len(self.name.encode("utf-8", "replace")) > 255
+        ):
+            _fail("name", f"must be printable and at most 255 bytes as UTF-8, got {self.name!r:.80}")
+        if self.preset is not None and self.preset not in PRESETS:
+            # load_config starts a dumped config from its ``preset:``: an unknown one would not reload.
+            _fail("preset", f"must be one of {sorted(PRESETS)} or null, got {self.preset!r}")
+        self._check_metric_names()
+
+    def _check_metric_names(self) -> None:
+        """``train.checkpoint_metric`` and ``tune.metric`` must be metrics the loop reports for this
+        task and method: a name it never reports would only fail once workers run."""
+        from cliplung.train.metrics import reported_metrics
+
+        reported = reported_metrics(self.data.class_names, self.model.method)
+        for path, metric in (
+            ("train.checkpoint_metric", self.train.checkpoint_metric),
+            ("tune.metric", self.tune.metric),
+        ):
+            if metric not in reported:
+                _fail(
+                    path,
+                    f"{metric!r} is not a metric training reports for data.task={self.data.task!r} and "
+                    f"model.method={self.model.method!r}; choose one of {', '.join(reported)}",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The whole config as plain data (secrets included: for passing on, never for writing)."""
@@ -509,12 +604,16 @@ def load_config(
                 f"config: {source!r} is neither a preset ({sorted(PRESETS)}) nor a readable file"
             )
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            loaded = _yaml_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config: {path}: not valid YAML/JSON: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config: {path}: cannot be read: {exc.strerror or exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {path}: must hold a mapping, got {type(loaded).__name__}")
         base = loaded.get("preset")
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"preset: must be a preset name, got {base!r} (in {path})")
         data = preset(base).to_dict() if base else Config().to_dict()
         _deep_update(data, loaded, "")
     for key, value in (values or {}).items():
@@ -544,12 +643,12 @@ def dump_config(config: Config, path: str | Path | None = None) -> str:
     ``path`` (``.json`` for JSON) when given."""
     data = config.public_dict()
     if path is not None and str(path).endswith(".json"):
-        text = json.dumps(data, indent=2) + "\n"
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"  # "\ud83d..." would not reload
     else:
         text = yaml.safe_dump(data, sort_keys=False)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        Path(path).write_text(text, encoding="utf-8")
     return text
 
 
@@ -561,12 +660,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # --------------------------------------------------------------------------- internals
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), which reads ``1e-5`` as a string, plus the float form without
+    a dot that YAML 1.2 and JSON use (``json.dumps(1e-05)`` writes ``1e-05``): ``--set train.lr=1e-2``
+    and a dumped ``config.json`` must give numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no tags that build objects
+
+
 def _apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected section.field=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     _set_field(data, key.strip(), value, item)
@@ -622,7 +738,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(exc))
         _fail(path, f"invalid value {value!r}")
     if origin is Literal:
-        if value not in args:
+        if not any(type(value) is type(a) and value == a for a in args):
             _fail(path, f"must be one of {list(args)}, got {value!r}")
         return value
     if origin is tuple:
@@ -644,7 +760,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(path, f"must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            _fail(path, f"must be a finite number, got {value!r:.40}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             _fail(path, f"must be a string, got {value!r}")

@@ -63,6 +63,7 @@ import numpy as np
 
 from cliplung import storage
 from cliplung.config import Config, config_from_dict, dump_config
+from cliplung.model.export import CheckpointError
 
 __all__ = [
     "LEASE_HEARTBEAT_S",
@@ -119,8 +120,6 @@ class RunError(ValueError):
     with, or a lease held by another driver."""
 
 
-class CheckpointError(RunError):
-    """No checkpoint where one was expected, or one that cannot be read or used."""
 
 
 # --------------------------------------------------------------------------- store identity

@@ -23,7 +23,9 @@ __all__ = [
     "LIDC_FIXTURE_SCANS",
     "PHI",
     "lidc_scan",
+    "mark_transfer_syntax",
     "paint_annotations",
+    "rewrite",
     "write_ct_series",
     "write_lidc_scan",
 ]
@@ -61,12 +63,18 @@ def write_ct_series(
     phi: dict[str, str] | None = None,
     prefix: str = "",
     rle: bool = False,
+    compress: str | None = None,
+    shear_xy: tuple[float, float] = (0.0, 0.0),
+    extra: dict[str, object] | None = None,
 ) -> list[Path]:
     """Write ``hu`` (z, y, x) as a CT series in ``folder``; returns the files in slice order.
 
     Instance numbers run against z (as in many LIDC series) and file names follow instance
     numbers, so a reader that trusts file order gets the slices backwards. ``rle`` stores the pixels
-    RLE Lossless compressed (pydicom's encoder: small files, but slow to write at 512 x 512).
+    RLE Lossless compressed (pydicom's encoder: small files, but slow to write at 512 x 512);
+    ``compress`` names any transfer syntax UID an installed pydicom encoder writes (JPEG-LS,
+    JPEG 2000). ``shear_xy`` moves slice k's ImagePositionPatient by k times (dx, dy) mm in-plane, as
+    a tilted gantry does; ``extra`` sets more header keywords on every file.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
@@ -98,7 +106,11 @@ def write_ct_series(
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.InstanceNumber = instance
-        ds.ImagePositionPatient = [float(origin_xy[0]), float(origin_xy[1]), float(z_positions[k])]
+        ds.ImagePositionPatient = [
+            float(origin_xy[0] + k * shear_xy[0]),
+            float(origin_xy[1] + k * shear_xy[1]),
+            float(z_positions[k]),
+        ]
         ds.ImageOrientationPatient = [float(v) for v in orientation]
         ds.PixelSpacing = [float(ps[0]), float(ps[1])]
         ds.SliceThickness = float(abs(z_positions[1] - z_positions[0])) if n > 1 else 1.0
@@ -111,13 +123,40 @@ def write_ct_series(
         ds.PixelRepresentation = 1
         ds.RescaleSlope = slope
         ds.RescaleIntercept = intercept
+        for key, value in (extra or {}).items():
+            setattr(ds, key, value)
         ds.PixelData = stored[k].tobytes()
-        if rle:
-            ds.compress(RLELossless, stored[k])
+        if rle or compress:
+            ds.compress(compress or RLELossless, stored[k])
         path = folder / f"{prefix}{instance:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def rewrite(path: str | os.PathLike, **changes) -> None:
+    """Set header keywords of one file (``None`` deletes the element)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for key, value in changes.items():
+        if value is None:
+            if key in ds:
+                delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path)
+
+
+def mark_transfer_syntax(path: str | os.PathLike, uid: str) -> None:
+    """Declare ``path``'s pixel data encoded as ``uid`` (it is not: the reader must refuse it unread)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds.file_meta.TransferSyntaxUID = uid
+    ds.save_as(path)
 
 
 def lidc_scan(patient_id: str):

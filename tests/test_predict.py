@@ -26,14 +26,13 @@ NODULE_MM = (-4.4, -13.2, -88.0)  # (x, y, z): column 19.5, row 21, slice 6
 
 def write_series(directory: Path, hu: np.ndarray, **kwargs) -> Path:
     """``hu`` (z, y, x) as an axial CT series with this module's geometry."""
-    write_ct_series(
-        directory,
-        hu,
-        z_positions=[ORIGIN[2] + k * SPACING[0] for k in range(hu.shape[0])],
-        pixel_spacing=(SPACING[1], SPACING[2]),
-        origin_xy=(ORIGIN[0], ORIGIN[1]),
-        **{"series_uid": "1.2.826.0.1.3680043.8.498.77", **kwargs},
-    )
+    defaults = {
+        "z_positions": [ORIGIN[2] + k * SPACING[0] for k in range(hu.shape[0])],
+        "pixel_spacing": (SPACING[1], SPACING[2]),
+        "origin_xy": (ORIGIN[0], ORIGIN[1]),
+        "series_uid": "1.2.826.0.1.3680043.8.498.77",
+    }
+    write_ct_series(directory, hu, **{**defaults, **kwargs})
     return directory
 
 
@@ -205,3 +204,192 @@ def test_store_of_another_patch_size_is_refused(checkpoint, tmp_path) -> None:
     with pytest.raises(StoreError, match=r"20\^3 patches but checkpoint .*model.pt was trained on 16\^3"):
         predict_store(path, str(tmp_path / "big"), str(tmp_path / "x.parquet"))
     assert not (tmp_path / "x.parquet").exists()
+
+
+# --------------------------------------------------------------------------- as strict as prepare
+
+
+def test_feet_first_series_scores_as_the_head_first_one(checkpoint, series, tmp_path) -> None:
+    # The same anatomy stored with rows along -x: slice normal towards the feet, slices in the
+    # other order. prepare and predict both flip it into patient axes, so the patch is the same.
+    path, _ = checkpoint
+    mirrored = write_series(
+        tmp_path / "ff",
+        phantom_hu()[:, :, ::-1],
+        orientation=(-1, 0, 0, 0, 1, 0),
+        origin_xy=(ORIGIN[0] + (SHAPE[2] - 1) * SPACING[2], ORIGIN[1]),
+    )
+    head_first = predict_dicom(path, series, NODULE_MM)
+    feet_first = predict_dicom(path, mirrored, NODULE_MM)
+    assert feet_first["probabilities"] == pytest.approx(head_first["probabilities"], abs=1e-12)
+    np.testing.assert_allclose(feet_first["center_voxel_zyx"], head_first["center_voxel_zyx"], atol=1e-9)
+    # Voxel units are the stored images' column and row: column 19.5 there is column 19.5 from
+    # the other side here.
+    by_voxel = predict_dicom(path, mirrored, f"{SHAPE[2] - 1 - 19.5},21,6", units="voxel")
+    assert by_voxel["probabilities"] == pytest.approx(head_first["probabilities"], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Coronal slices, stacked along y (their normal): a consistent series, but not axial.
+        (
+            {"orientation": (1, 0, 0, 0, 0, -1), "z_positions": [0.0] * SHAPE[0], "shear_xy": (0.0, 2.0)},
+            r"series is not axial: slice normal \[0\.0, 1\.0, 0\.0\]",
+        ),
+        ({"pixel_spacing": (0.0, 0.0)}, r"PixelSpacing \[0\.0, 0\.0\] mm, expected two values > 0"),
+        ({"pixel_spacing": (-0.8, -0.8)}, r"PixelSpacing \[-0\.8, -0\.8\] mm, expected two values > 0"),
+        ({"slope": 0.0}, r"RescaleSlope is 0"),
+        ({"slope": float("nan")}, r"RescaleSlope is nan, expected a finite number"),
+        ({"slope": float("inf")}, r"RescaleSlope is inf, expected a finite number"),
+        ({"intercept": float("nan")}, r"RescaleIntercept is nan, expected a finite number"),
+    ],
+)
+def test_series_prepare_refuses_are_refused(checkpoint, tmp_path, change, message) -> None:
+    path, _ = checkpoint
+    hu, kwargs = phantom_hu(), dict(change)
+    for key in ("slope", "intercept"):
+        if key in kwargs:  # written as given, whatever it does to the stored values
+            value = kwargs.pop(key)
+            kwargs["extra"] = {"Rescale" + key.capitalize(): value}
+    folder = write_series(tmp_path / "s", hu, **kwargs)
+    with pytest.raises(DicomError, match=message) as info:
+        predict_dicom(path, folder, "19.5,21,6", units="voxel")
+    assert str(info.value).startswith(f"{folder}: ")
+
+
+def _exported(tmp_path: Path, *overrides: str) -> Path:
+    cfg = apply_overrides(preset("debug"), list(overrides))
+    model = build_model(cfg.model, num_classes=3, patch_size=cfg.prepare.patch_size)
+    return save_inference(model, cfg, tmp_path / "ckpt" / "model.pt")
+
+
+def test_a_patch_with_nothing_in_the_window_is_refused(series, tmp_path) -> None:
+    path = _exported(tmp_path, "prepare.hu_window=[3000, 4000]")
+    with pytest.raises(
+        DicomError, match=r"holds the single value 0 after the HU window \[3000\.0, 4000\.0\]"
+    ):
+        predict_dicom(path, series, NODULE_MM)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        (
+            {"spacing_mm": 2.0},
+            r"store .*big was prepared with spacing_mm=2 but checkpoint .*model\.pt was trained on "
+            r"spacing_mm=1 \(prepare\.spacing_mm\); use data prepared with cliplung prepare --spacing 1",
+        ),
+        (
+            {"hu_window": [-1200.0, 600.0]},
+            r"prepared with hu_window=-1200,600 but checkpoint .* trained on hu_window=-1000,400 "
+            r"\(prepare\.hu_window\); use data prepared with cliplung prepare --hu-window -1000,400",
+        ),
+    ],
+)
+def test_store_of_another_spacing_or_window_is_refused(checkpoint, tmp_path, attrs, message) -> None:
+    import zarr
+
+    path, _ = checkpoint
+    store = _store_from_patches(tmp_path / "big", np.random.default_rng(0).random((2, 16, 16, 16)))
+    group = zarr.open_group(store.path, mode="r+")
+    group.attrs.update(attrs)
+    with pytest.raises(StoreError, match=message):
+        predict_store(path, store.path, str(tmp_path / "x.parquet"))
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_cli_exits_2_naming_the_file(checkpoint, tmp_path, capsys) -> None:
+    from cliplung.cli import main
+
+    path, _ = checkpoint
+    folder = write_series(tmp_path / "s", phantom_hu(), extra={"RescaleSlope": 0})
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(path),
+                "--dicom-dir",
+                str(folder),
+                "--center=19.5,21,6",
+                "--units",
+                "voxel",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "cliplung predict: error: " in err and "RescaleSlope is 0" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- the inference format
+
+
+class _Arbitrary:
+    """Any pickled class: weights-only loading must refuse it."""
+
+
+def test_inference_export_errors_name_the_file(checkpoint, tmp_path) -> None:
+    """The format checks live in cliplung.model.export alone; every failure names the file."""
+    import torch
+
+    from cliplung.model.export import CheckpointError, check_inference_payload, load_inference
+
+    good, cfg = checkpoint
+    assert load_inference(good)[1] == cfg
+    assert check_inference_payload(torch.load(good, weights_only=True), name="x") == cfg
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    payload = torch.load(good, weights_only=True)
+    wide = _exported(tmp_path, "model.image_width=16")
+    mismatch = {**torch.load(wide, weights_only=True), "config": cfg.to_dict()}
+    cases = {
+        "truncated.pt": (None, r"truncated\.pt: not a readable checkpoint \(truncated, corrupt"),
+        "mismatch.pt": (mismatch, r"mismatch\.pt: its weights do not fit the model its stored config"),
+        "other.pt": ({"state_dict": {}}, r"other\.pt: not a cliplung-inference export"),
+        "version.pt": (
+            {**payload, "version": 7},
+            r"version\.pt: cliplung-inference version 7 is not supported",
+        ),
+        "cfg.pt": (
+            {"format": "cliplung-inference", "version": 1, "config": {"model": {"n_ctx": 0}}},
+            r"cfg\.pt: the config stored in the checkpoint is invalid: model.n_ctx: must be > 0",
+        ),
+        "nostate.pt": (
+            {**payload, "state_dict": None},
+            r"nostate\.pt: the cliplung-inference export holds no state_dict",
+        ),
+        "pickle.pt": ({"format": _Arbitrary()}, r"pickle\.pt: not a readable checkpoint"),
+        "absent.pt": (None, r"absent\.pt: no such checkpoint file"),
+    }
+    for name, (content, message) in cases.items():
+        if content is not None:
+            torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            load_inference(tmp_path / name)
+    # A local copy of a remote file is named as the remote one.
+    with pytest.raises(CheckpointError, match=r"^s3://b/run/model\.pt: not a cliplung-inference export"):
+        load_inference(tmp_path / "other.pt", name="s3://b/run/model.pt")
+    with pytest.raises(CheckpointError, match=r"^not a cliplung-inference export"):
+        load_inference({"format": "other"})  # an in-memory payload has no file to name
+
+
+def test_training_applies_the_same_rule_naming_the_set_flag(tmp_path, synthetic_store) -> None:
+    """One preprocessing rule: training refuses the store too, but the config can still change."""
+    from cliplung.config import ConfigError
+    from cliplung.data.ingest import open_training_store
+
+    base = [f"data.store={synthetic_store.path}"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^prepare.hu_window: store .* was prepared with hu_window=-1000,400 but the config says "
+        r"-1200,600 \(pass --set prepare.hu_window=\[-1000,400\] or rebuild the store\)$",
+    ):
+        open_training_store(apply_overrides(preset("debug"), [*base, "prepare.hu_window=[-1200, 600]"]))
+    with pytest.raises(
+        ConfigError, match=r"^prepare.spacing_mm: .* was prepared with spacing_mm=1 but the config says 0.5"
+    ):
+        open_training_store(apply_overrides(preset("debug"), [*base, "prepare.spacing_mm=0.5"]))
+    _, splits = open_training_store(apply_overrides(preset("debug"), base))
+    assert len(splits.train) > 0

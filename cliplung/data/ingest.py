@@ -35,6 +35,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import ReadTask
 
 from cliplung.config import Config, ConfigError, DataConfig
+from cliplung.data.preprocessing import check_preprocessing, store_preprocessing
 from cliplung.data.store import NoduleStore
 from cliplung.labels import task_labels, task_rows
 
@@ -224,24 +225,7 @@ def build_datasets(config: Config, store: NoduleStore, splits: Splits) -> dict[s
 def _check_store_matches(store: NoduleStore, config: Config) -> None:
     """The config's ``prepare`` section must describe how the store's patches were cut: the
     checkpoint carries this config, and ``cliplung predict`` cuts new patches with it."""
-    expected = {
-        "patch_size": config.prepare.patch_size,
-        "spacing_mm": config.prepare.spacing_mm,
-        "hu_window": list(config.prepare.hu_window),
-    }
-    for key, want in expected.items():
-        have = store.attrs.get(key)
-        if have is None:
-            continue  # stores written by hand (tests, exports) may omit it
-        if (list(map(float, have)) if isinstance(have, list | tuple) else float(have)) != (
-            list(map(float, want)) if isinstance(want, list) else float(want)
-        ):
-            shown = ",".join(str(v) for v in have) if isinstance(have, list | tuple) else have
-            raise ConfigError(
-                f"prepare.{key}: store {store.path} was prepared with {key}={have} but the config says "
-                f"{want} (pass --set prepare.{key}={'[' + shown + ']' if isinstance(have, list | tuple) else have} "
-                "or rebuild the store)"
-            )
+    check_preprocessing(store_preprocessing(store), config.prepare, source=f"store {store.path}")
 
 
 class DeterministicShards(ray.train.DataConfig):

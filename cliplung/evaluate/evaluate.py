@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from cliplung.config import Config
+from cliplung.data.preprocessing import check_preprocessing, store_preprocessing
 from cliplung.data.store import NoduleStore, StoreError
 from cliplung.evaluate.checkpoints import CheckpointError, load_checkpoint, open_checkpoint
 from cliplung.evaluate.metrics import ECE_BINS, compute_metrics
@@ -44,7 +45,6 @@ from cliplung.evaluate.splits import SplitLeakError, fold_rows, split_check
 __all__ = [
     "CheckpointError",
     "SplitLeakError",
-    "check_patch_size",
     "evaluate",
     "load_checkpoint",
     "open_checkpoint",
@@ -53,17 +53,6 @@ __all__ = [
 ]
 
 ATTENTION_PER_CLASS = 3
-
-
-def check_patch_size(store: NoduleStore, config: Config, checkpoint: str) -> None:
-    """Raise :class:`StoreError` when the store's patches are not the size the model was built for."""
-    size = int(store.attrs.get("patch_size", -1))
-    if size != config.prepare.patch_size:
-        raise StoreError(
-            f"store {store.path} holds {size}^3 patches but checkpoint {checkpoint} was trained on "
-            f"{config.prepare.patch_size}^3 patches (prepare.patch_size); use a store built with "
-            f"--patch-size {config.prepare.patch_size}"
-        )
 
 
 def read_patches(store: NoduleStore, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -204,7 +193,9 @@ def evaluate(
     model, config, choice = open_checkpoint(checkpoint_or_run, storage=storage, endpoint=endpoint)
     if not isinstance(store, NoduleStore):
         store = NoduleStore.open(str(store), endpoint=endpoint)
-    check_patch_size(store, config, choice.model_path)
+    check_preprocessing(
+        store_preprocessing(store), config.prepare, source=f"store {store.path}", checkpoint=choice.model_path
+    )
     test_fold, held_out, rows, labels = _test_rows(store, config, fold, choice.model_path)
     isolation = split_check(choice, store, test_fold, rows, held_out)
     class_names = config.data.class_names

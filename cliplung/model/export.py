@@ -3,7 +3,14 @@
 An exported model holds no text tower, prompt or token-projection weights, so it has exactly the
 parameters of the ``ce`` baseline. The saved payload is ``{"format", "version", "config", "state_dict"}``
 with ``config = Config.to_dict()``: :func:`load_inference` rebuilds the model from the file alone
-(``torch.load(..., weights_only=True)``, so loading runs no pickled code).
+(``torch.load(..., weights_only=True)``, so loading runs no pickled code). This file is the one a
+run produces that is meant to be shared; the other files of a run directory (DeepSpeed optimizer
+state, Tune's experiment state) are unpickled when a run resumes and must never come from someone
+you would not let run code.
+
+The format checks live here and nowhere else: :func:`check_inference_payload` (format tag,
+version, stored config) and :func:`load_inference` (file readable, weights fit the model the config
+describes) raise :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,14 +24,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from cliplung.config import Config, config_from_dict
+from cliplung.config import Config, ConfigError, config_from_dict
 from cliplung.model.cliplung import CLIPLung, build_classifier
 from cliplung.model.image_encoder import NoduleClassifier
 
-__all__ = ["FORMAT", "export_inference", "inference_payload", "load_inference", "save_inference"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "check_inference_payload",
+    "export_inference",
+    "inference_payload",
+    "load_inference",
+    "save_inference",
+]
 
 FORMAT = "cliplung-inference"
 VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model its config describes."""
 
 
 def _unwrap(model: Any) -> nn.Module:
@@ -64,21 +83,71 @@ def save_inference(model: Any, config: Config, path: str | Path) -> Path:
     return path
 
 
-def load_inference(
-    source: str | Path | dict[str, Any], map_location: str | torch.device = "cpu"
-) -> tuple[NoduleClassifier, Config]:
-    """Rebuild the inference model from a saved file (or an in-memory payload) with no other input."""
-    if isinstance(source, dict):
-        payload = source
-    else:
-        payload = torch.load(source, map_location=map_location, weights_only=True)
+def check_inference_payload(payload: Any, *, name: str | None = None) -> Config:
+    """The config of an inference export, or a :class:`CheckpointError` starting with ``name`` (the
+    file; None for an in-memory payload): the payload must be a ``{FORMAT}`` dict of a supported
+    version whose stored config is valid."""
+    name = f"{name}: " if name else ""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{source if not isinstance(source, dict) else 'payload'}: not a {FORMAT} file")
+        raise CheckpointError(
+            f"{name}not a {FORMAT} export (expected the model.pt that training writes into every "
+            "checkpoint directory)"
+        )
     if payload.get("version") != VERSION:
-        raise ValueError(f"{FORMAT}: unsupported version {payload.get('version')!r} (expected {VERSION})")
-    config = config_from_dict(payload["config"])
+        raise CheckpointError(
+            f"{name}{FORMAT} version {payload.get('version')!r} is not supported (expected {VERSION})"
+        )
+    try:
+        config = config_from_dict(payload.get("config") or {})
+    except (ConfigError, TypeError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{name}the config stored in the checkpoint is invalid: {exc}") from None
+    if not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{name}the {FORMAT} export holds no state_dict")
+    return config
+
+
+def _read_payload(path: Path, name: str, map_location: str | torch.device) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{name}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{name}: not a readable checkpoint (truncated, corrupt, or not a weights-only torch file): "
+            f"{type(exc).__name__}: {reason}"
+        ) from None
+
+
+def load_inference(
+    source: str | Path | dict[str, Any],
+    map_location: str | torch.device = "cpu",
+    *,
+    name: str | None = None,
+) -> tuple[NoduleClassifier, Config]:
+    """Rebuild the inference model from a saved file (or an in-memory payload) with no other input.
+
+    Every failure is a :class:`CheckpointError` naming the file (``name`` when the file is a local
+    copy of a remote one).
+    """
+    if isinstance(source, dict):
+        shown, payload = name, source
+    else:
+        shown = name or str(source)
+        payload = _read_payload(Path(source), shown, map_location)
+    config = check_inference_payload(payload, name=shown)
     model = build_classifier(
         config.model, num_classes=config.data.num_classes, patch_size=config.prepare.patch_size
     )
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:  # missing / unexpected keys, shape mismatches
+        detail = " ".join(str(exc).split())
+        if len(detail) > 400:
+            detail = detail[:400] + " ..."
+        prefix = f"{shown}: " if shown else ""
+        raise CheckpointError(
+            f"{prefix}its weights do not fit the model its stored config describes (saved from another "
+            f"model configuration?): {detail}"
+        ) from None
     return model.to(map_location).eval(), config

@@ -120,8 +120,6 @@ class RunError(ValueError):
     with, or a lease held by another driver."""
 
 
-
-
 # --------------------------------------------------------------------------- store identity
 
 

@@ -107,21 +107,21 @@ PORT_KEYS=(BASE_PORT GCS_PORT DASHBOARD_PORT CLIENT_PORT HEAD_NODE_PORTS WORKER_
 # Read cluster.env as data: KEY=PORT lines with known keys only. It is never sourced.
 load_ports() {
   [[ -e $PORTS_FILE || -L $PORTS_FILE ]] || return 1
-  [[ -f $PORTS_FILE && ! -L $PORTS_FILE ]] || die 2 "$PORTS_FILE is not a regular file; run: $0 down"
+  [[ -f $PORTS_FILE && ! -L $PORTS_FILE ]] || die 2 "$PORTS_FILE is not a regular file; run: $0 down --temp-dir $TEMP_DIR"
   local line n=0 key value seen=" "
   while IFS= read -r line || [[ -n $line ]]; do
     n=$((n + 1))
     [[ -z $line ]] && continue
     [[ $line =~ ^([A-Z_]+)=([0-9]{1,5})$ ]] ||
-      die 2 "$PORTS_FILE line $n: expected KEY=PORT, got $(printf '%q' "$line"); run: $0 down"
+      die 2 "$PORTS_FILE line $n: expected KEY=PORT, got $(printf '%q' "$line"); run: $0 down --temp-dir $TEMP_DIR"
     key=${BASH_REMATCH[1]} value=$((10#${BASH_REMATCH[2]}))
-    [[ " ${PORT_KEYS[*]} " == *" $key "* ]] || die 2 "$PORTS_FILE line $n: unknown key $key; run: $0 down"
-    ((value >= 1 && value <= 65535)) || die 2 "$PORTS_FILE line $n: $key=$value is not a port; run: $0 down"
+    [[ " ${PORT_KEYS[*]} " == *" $key "* ]] || die 2 "$PORTS_FILE line $n: unknown key $key; run: $0 down --temp-dir $TEMP_DIR"
+    ((value >= 1 && value <= 65535)) || die 2 "$PORTS_FILE line $n: $key=$value is not a port; run: $0 down --temp-dir $TEMP_DIR"
     printf -v "$key" '%s' "$value"
     seen+="$key "
   done <"$PORTS_FILE"
   for key in "${PORT_KEYS[@]}"; do
-    [[ $seen == *" $key "* ]] || die 2 "$PORTS_FILE: $key is missing; run: $0 down"
+    [[ $seen == *" $key "* ]] || die 2 "$PORTS_FILE: $key is missing; run: $0 down --temp-dir $TEMP_DIR"
   done
 }
 

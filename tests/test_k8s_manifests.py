@@ -636,7 +636,7 @@ def _node(lo: int, hi: int, cpu: int, mem_gib: int, gpu: int | None = None) -> D
 
 # kustomization -> object -> (idle timeout minutes, node types). The heads of the long-lived cluster
 # and of the train and tune jobs offer no CPUs (they run drivers, GCS and the dashboard only); the
-# prepare job's head does, because prepare fans scans out with processes on the head.
+# prepare job's head offers its CPUs to prepare's work as well.
 EXPECTED_RAY_VIEW: dict[str, dict[str, tuple[float, dict[str, Doc]]]] = {
     "base": {
         "RayCluster/cliplung": (

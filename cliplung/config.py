@@ -15,6 +15,7 @@ so a checkpoint rebuilds its model with no other input.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import re
@@ -460,10 +461,27 @@ class MetricsConfig:
 
     enabled: bool = True
     port: int = 9464
-    """Port of the node's metrics endpoint (0: pick a free port)."""
+    """Port of the host's metrics endpoint (0: pick a free port)."""
+    host: str | None = None
+    """Address the endpoint listens on. None: the node's ``CLIPLUNG_METRICS_HOST``, else
+    ``127.0.0.1`` (loopback: an embedded run exposes nothing); the k8s manifests set ``0.0.0.0``
+    so the PodMonitor can scrape each pod."""
+    linger_seconds: float = 60.0
+    """How long a finished run's series stay on the endpoint (a few scrape intervals)."""
 
     def __post_init__(self) -> None:
         _check_numbers("metrics", self, port=(0, PORT_MAX, " (a TCP port)"))
+        _check_positive("metrics", self, "linger_seconds", allow_zero=True)
+        if self.host is not None and not _is_ip_address(self.host):
+            _fail("metrics.host", f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
+
+
+def _is_ip_address(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return isinstance(value, str)
 
 
 @dataclass(kw_only=True)

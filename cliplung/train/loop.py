@@ -226,7 +226,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _say(f"resuming from {checkpoint.path} (epoch {start_epoch} of {t.epochs} done)")
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    metrics_out = WorkerMetrics(config.name, rank, config.metrics.port, enabled=config.metrics.enabled)
+    metrics_out = WorkerMetrics(config.name, rank, config.metrics)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     micro = t.micro_batch_size
@@ -316,5 +316,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics_out.checkpoint(time.perf_counter() - upload_start, failed=True)
                 raise
             metrics_out.checkpoint(time.perf_counter() - upload_start)
+    metrics_out.finish()
     if config.train.debug_fail_at_step is not None and rank == 0:
         _fault_marker(config).unlink(missing_ok=True)

@@ -470,6 +470,34 @@ def test_both_nodes_on_one_host_export_metrics(local_cluster: LocalCluster, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_readme_train_job_runs_on_both_one_cpu_nodes(local_cluster: LocalCluster, synthetic_store) -> None:
+    """The README's job as printed (the debug preset's 2 training workers, one per 1-CPU node): the
+    workers fill the cluster and Ray Data's reads still run, so it finishes; a run asking for more
+    than the two nodes hold fails at once with exit 2 instead of waiting forever."""
+    runs = local_cluster.temp_dir / "runs"
+    common = ["--data", synthetic_store.path, "--storage", str(runs)]
+    _, out = local_cluster.submit(
+        "python", "jobs/train.py", "--config", "debug", *common, "--name", "local-debug",
+        "--set", "metrics.enabled=false", working_dir=REPO, timeout=800,
+    )  # fmt: skip
+    assert "epoch 2/2" in out and "latest checkpoint" in out
+    assert "Cluster resources are not enough" not in out
+    state = json.loads((runs / "local-debug" / "epoch_0001" / "train_state.json").read_text())
+    assert state["epoch"] == 1 and "val/macro_f1" in state["metrics"]
+
+    too_big = subprocess.run(
+        [str(RAY_BIN), "job", "submit", "--address", local_cluster.address, "--working-dir", str(REPO),
+         "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
+         "python", "jobs/train.py", *common, "--name", "too-big", "--workers", "4"],
+        env=local_cluster.client_env, capture_output=True, text=True, timeout=300, cwd=local_cluster.temp_dir,
+    )  # fmt: skip
+    assert too_big.returncode != 0
+    assert "needs 4 worker(s) of 1 CPU each" in too_big.stdout and "can hold 2" in too_big.stdout
+    assert not (runs / "too-big" / "epoch_0000").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_down_stops_every_process_it_started(local_cluster: LocalCluster) -> None:
     # Last test of the module: it takes the shared cluster down.

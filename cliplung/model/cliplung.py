@@ -22,8 +22,8 @@ Losses (every cross-entropy ``CE`` averaged over its rows)::
     loss = λ_CE·CE + λ_IC·IC + λ_CA·CA + λ_IA·IA
 
 Several workers (``model.ia_negatives: global``): IA is the only term that couples samples. Each
-worker gathers every worker's ``v`` and ``d`` (``torch.distributed.nn.all_gather``, which carries
-gradients back to their owners) and scores its own rows against all of them, so ``b`` runs over the
+worker gathers every worker's ``v`` and ``d`` (an all-gather whose backward sums each chunk's
+gradients back to its owner) and scores its own rows against all of them, so ``b`` runs over the
 whole global micro-batch; the mean of the workers' losses (what data parallelism optimises) is then
 the one-worker loss at that batch, whatever the worker count. CE, IC and CA are per-sample means
 and need nothing.
@@ -65,7 +65,6 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -116,6 +115,29 @@ def attribute_weights(
     return scaled.softmax(dim=-1)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All workers' ``(b, ...)`` tensors concatenated along dim 0, with gradients back to their owners:
+    the backward sums every worker's gradient of each chunk (every worker's loss uses every chunk)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            own = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(own, grad)
+            return own
+        dist.all_reduce(grad)  # gloo has no reduce-scatter of a tensor: reduce all, keep this rank's rows
+        return grad.chunk(world)[rank].contiguous()
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -151,8 +173,8 @@ def contrastive_losses(
     all_tokens, all_descriptions, first = tokens, descriptions, 0
     rank, world = _world()
     if global_negatives and world > 1:
-        all_tokens = torch.cat(dist_nn.all_gather(tokens.contiguous()), dim=0)
-        all_descriptions = torch.cat(dist_nn.all_gather(descriptions.contiguous()), dim=0)
+        all_tokens = _GatherWithGrad.apply(tokens)
+        all_descriptions = _GatherWithGrad.apply(descriptions)
         first = rank * b
     # (n, this worker's image, any description) and (n, this worker's description, any image)
     image_to_text = s * torch.einsum("bje,de->jbd", tokens, all_descriptions)

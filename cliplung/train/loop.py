@@ -27,6 +27,8 @@ optimizer and scheduler; every ``train.optimizer_state_every``-th epoch and the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,6 +53,7 @@ from cliplung.train.preflight import TRAIN_STATE_FILE, check_resume, checkpoint_
 from cliplung.train.prometheus import WorkerMetrics
 from cliplung.train.step import (
     DIVERGED_KEY,
+    DIVERGENCE_FILE,
     DIVERGENCE_KEY,
     Divergence,
     Engine,
@@ -63,7 +66,7 @@ from cliplung.train.step import (
     train_step,
 )
 
-__all__ = ["cosine_schedule", "deepspeed_config", "train_loop_per_worker"]
+__all__ = ["cosine_schedule", "deepspeed_config", "optimizer_state_due", "train_loop_per_worker"]
 
 DEEPSPEED_TAG = "state"
 WEIGHTS_FILE = "weights.pt"
@@ -136,6 +139,13 @@ def _gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     dist.all_gather_object(parts, (probs, labels))
     parts = [p for p in parts if len(p[1])]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def optimizer_state_due(config: Config, epoch: int) -> bool:
+    """Whether epoch ``epoch``'s checkpoint carries the optimizer state: every
+    ``train.optimizer_state_every``-th epoch, and the last one."""
+    t = config.train
+    return (epoch + 1) % t.optimizer_state_every == 0 or epoch == t.epochs - 1
 
 
 def _frozen(module: torch.nn.Module) -> set[str]:
@@ -211,15 +221,30 @@ def _validation_keys(config: Config) -> list[str]:
     return list(classification_metrics(np.arange(n), np.eye(n), config.data.class_names, prefix="val/"))
 
 
-def _report_divergence(
-    config: Config, divergence: Divergence, monitor: LossMonitor, global_step: int
-) -> None:
+def _divergence_record() -> tuple[object, str]:
+    """(filesystem, path) of this run's divergence record, from Ray's own storage of the run (the
+    config's ``storage.path`` may be relative to a driver directory the worker does not share)."""
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, f"{storage.experiment_fs_path}/{DIVERGENCE_FILE}"
+
+
+def _clear_divergence_record() -> None:
+    fs, path = _divergence_record()
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_file(path)
+
+
+def _report_divergence(config: Config, divergence: Divergence, monitor: LossMonitor) -> None:
     message = divergence.message(config.train.epochs)
     if ray.train.get_context().get_world_rank() == 0:
         _say(f"[diverged] {message}")
+        record = {"message": message, **dataclasses.asdict(divergence)}
+        fs, path = _divergence_record()
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps(record, default=float).encode())
     report = {
         "epoch": divergence.epoch,
-        "global_step": global_step,
+        "global_step": divergence.global_step,
         **{f"train/{k}": v for k, v in monitor.means().items()},
         **dict.fromkeys(_validation_keys(config), float("nan")),
         "train/lr": divergence.lr,
@@ -254,6 +279,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _say(f"resuming from {checkpoint.path} (epoch {start_epoch} of {t.epochs} done){note}")
 
+    if rank == 0:
+        _clear_divergence_record()  # a record of an earlier attempt of this run name
     ray.data.DataContext.get_current().enable_progress_bars = False
     metrics_out = WorkerMetrics(config.name, rank, config.metrics.port, enabled=config.metrics.enabled)
     train_shard = ray.train.get_dataset_shard("train")
@@ -295,7 +322,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_seconds = time.perf_counter() - epoch_start
         divergence = monitor.divergence or ema_divergence(run.ema, monitor)
         if divergence is not None:
-            _report_divergence(config, divergence, monitor, global_step)
+            _report_divergence(config, divergence, monitor)
             break
         losses = monitor.means()
 
@@ -329,12 +356,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             gpu_memory_bytes=gpu_mem,
         )
 
-        with_optimizer = (epoch + 1) % t.optimizer_state_every == 0 or epoch == t.epochs - 1
         state = {
             "epoch": epoch,
             "global_step": global_step,
             "metrics": report,
-            "optimizer_state": with_optimizer,
+            "optimizer_state": optimizer_state_due(config, epoch),
             **checkpoint_identity(config, world, run.precision),
         }
         with tempfile.TemporaryDirectory(prefix="cliplung-ckpt-") as tmp:

@@ -24,8 +24,9 @@ diverged without an extra collective.
 
 **Divergence.** A non-finite loss (all-reduced, so any rank's) at global step ``g`` is reported by
 the monitor as a :class:`Divergence` naming epoch, step, the loss parts and the learning rate; the
-loop stops, reports it without a checkpoint and returns normally (Ray Train would otherwise retry
-from the last checkpoint and diverge the same way), and the driver calls :func:`raise_if_diverged`.
+loop stops, records it in the run directory (:func:`divergence_file`), reports it without a
+checkpoint and returns normally (Ray Train would otherwise retry from the last checkpoint and diverge
+the same way), and the driver calls :func:`raise_if_diverged`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from cliplung.model import ModelEMA
 
 __all__ = [
     "DIVERGED_KEY",
+    "DIVERGENCE_FILE",
     "DIVERGENCE_KEY",
     "LOSS_PARTS",
     "DivergedError",
@@ -57,10 +59,12 @@ __all__ = [
     "configure_kernels",
     "cosine_schedule",
     "deepspeed_config",
+    "divergence_file",
     "ema_divergence",
     "loss_parts",
     "make_optimizer",
     "raise_if_diverged",
+    "read_divergence",
     "resolve_precision",
     "train_step",
 ]
@@ -71,6 +75,8 @@ DIVERGED_KEY = "train/diverged"
 """Report key: 1.0 in the final report of a run that diverged (absent otherwise)."""
 DIVERGENCE_KEY = "train/divergence"
 """Report key: the divergence message (a string) in that report."""
+DIVERGENCE_FILE = "divergence.json"
+"""The run directory's record of a divergence (:func:`divergence_file`)."""
 BF16_MIN_CAPABILITY = (8, 0)
 """CUDA compute capability from which bf16 runs natively (Ampere)."""
 
@@ -379,8 +385,34 @@ class DivergedError(RuntimeError):
     """A training run stopped because its loss (or its EMA weights) became non-finite."""
 
 
-def raise_if_diverged(metrics: dict[str, Any] | None) -> None:
-    """Raise :class:`DivergedError` with the loop's message when ``metrics`` (a run's final report)
-    marks a divergence; do nothing otherwise. The driver calls it on ``Result.metrics``."""
+def divergence_file(config: Config) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of the run's divergence record, ``<storage>/<name>/divergence.json``:
+    written by the loop when the run diverges, removed when a run of that name starts. Ray Train's
+    ``Result`` holds the metrics of the newest checkpoint only, and a diverged epoch has none."""
+    from cliplung.storage import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(config.storage.path, endpoint=config.storage.endpoint)
+    return fs, f"{root}/{config.name}/{DIVERGENCE_FILE}"
+
+
+def read_divergence(config: Config) -> dict[str, Any] | None:
+    """The run's divergence record (``message``, ``epoch``, ``step``, ...), or None."""
+    import json
+
+    fs, path = divergence_file(config)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def raise_if_diverged(config: Config, metrics: dict[str, Any] | None = None) -> None:
+    """Raise :class:`DivergedError` with the loop's message when the run of ``config`` diverged (its
+    divergence record exists) or ``metrics`` (a report, e.g. Tune's last result) marks a divergence.
+    The driver calls it after ``TorchTrainer.fit()`` returns without error."""
     if metrics and metrics.get(DIVERGED_KEY):
         raise DivergedError(str(metrics.get(DIVERGENCE_KEY) or "training diverged (non-finite loss)"))
+    record = read_divergence(config)
+    if record is not None:
+        raise DivergedError(str(record.get("message") or "training diverged (non-finite loss)"))

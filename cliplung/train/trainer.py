@@ -23,6 +23,7 @@ from cliplung.config import Config, dump_config
 from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
 from cliplung.storage import check_endpoint, is_s3, pyarrow_filesystem
 from cliplung.train.loop import train_loop_per_worker
+from cliplung.train.step import raise_if_diverged
 
 __all__ = ["TrainSummary", "build_trainer", "run_storage", "train"]
 
@@ -124,6 +125,7 @@ def train(config: Config, address: str | None = None) -> TrainSummary:
     result = build_trainer(config, datasets, steps_per_epoch).fit()
     if result.error:
         raise result.error
+    raise_if_diverged(config)
     _, path = run_storage(config)
     best = None
     if result.best_checkpoints:

@@ -249,8 +249,10 @@ MIN_GPU_MICRO_BATCH = 16
 class TrainConfig:
     """How Ray Train runs the per-worker loop."""
 
-    workers: int = 2
-    """Ray Train workers (processes); each holds one model replica."""
+    workers: int = 1
+    """Ray Train workers (processes); each holds one model replica and, with GPUs, one GPU. One GPU
+    per training run is the default (the other GPUs run parallel Tune trials); data parallelism over
+    several GPUs is an option with a communication cost (README, Training)."""
     cpus_per_worker: int = 1
     """CPUs reserved per worker."""
     gpus_per_worker: float = 0.0

@@ -1,7 +1,12 @@
 """A one-process gloo group, as Ray Train gives each worker, for tests that build a DeepSpeed engine
-without Ray: import ``single_process_group`` into a test module and ask for it."""
+without Ray: import ``single_process_group`` into a test module and ask for it.
+
+The group is created once per pytest process and never destroyed: DeepSpeed keeps references to
+the groups it first saw, so a second group in the same process would leave it with dead ones
+(``cliplung bench gpu`` does the same and reuses a group that exists)."""
 
 import os
+import tempfile
 
 import pytest
 import torch.distributed as dist
@@ -9,21 +14,18 @@ import torch.distributed as dist
 _ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
 
 
-@pytest.fixture(scope="module")
-def single_process_group(tmp_path_factory):
-    """Rank 0 of 1 over a file store (no port to pick); torch.distributed is torn down afterwards."""
+def ensure_single_process_group() -> None:
     if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    saved = {k: os.environ.get(k) for k in _ENV}
+        if dist.get_world_size() != 1:
+            pytest.skip("a multi-process group exists in this process")
+        return
     os.environ.update(_ENV)
-    store = tmp_path_factory.mktemp("pg") / "store"
+    store = os.path.join(tempfile.mkdtemp(prefix="cliplung-test-pg-"), "store")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    """Rank 0 of 1 over a file store (no port to pick)."""
+    os.environ.update(_ENV)  # DeepSpeed checks LOCAL_RANK at every initialize
+    ensure_single_process_group()

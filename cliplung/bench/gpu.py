@@ -43,7 +43,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -107,31 +106,17 @@ def _batch(batch: int, patch: int, device: torch.device, seed: int = 0) -> dict[
     return {k: v.to(device) for k, v in out.items()}
 
 
-@contextmanager
-def _process_group(device: torch.device):
-    """A one-process group for DeepSpeed (nccl on a GPU, gloo on the CPU), unless one exists."""
+def _ensure_process_group(device: torch.device) -> None:
+    """A one-process group for DeepSpeed (nccl on a GPU, gloo on the CPU), unless one exists. It is
+    left in place for the life of the process: DeepSpeed keeps references to the groups it saw."""
     if dist.is_initialized():
-        yield
         return
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    with tempfile.TemporaryDirectory(prefix="cliplung-bench-pg-") as tmp:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            init_method=f"file://{tmp}/store",
-            rank=0,
-            world_size=1,
-        )
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    store = os.path.join(tempfile.mkdtemp(prefix="cliplung-bench-pg-"), "store")
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=0, world_size=1
+    )
 
 
 class _SyncWatch:
@@ -384,19 +369,19 @@ def bench_gpu(*, dry_run: bool = False, budget_s: float = BUDGET_S, as_json: boo
             report[name] = {"error": f"{type(exc).__name__}: {exc}"}
         timings[name] = round(time.perf_counter() - t0, 1)
 
-    with _process_group(device):
-        section("train_step", 60, lambda: _train_step(sizes, device, compile_model=False))
-        text = ("debug", 2, 1) if dry_run else ("paper", 32, 5)
-        section(
-            "text_path",
-            90,
-            lambda: bench_model(text[0], batch=text[1], device=device.type, steps=text[2], quiet=True),
-        )
-        section("sync_debug", 30, lambda: _sync_debug(device))
-        section("predict", 30, lambda: _predict(sizes, device))
-        section("data_path", 0, lambda: data_path_figures(device, dry_run))
-        if not dry_run:  # compiling the paper model takes minutes on a CPU; a GPU run has the time
-            section("train_step_compiled", 180, lambda: _train_step(sizes, device, compile_model=True))
+    _ensure_process_group(device)
+    section("train_step", 60, lambda: _train_step(sizes, device, compile_model=False))
+    text = ("debug", 2, 1) if dry_run else ("paper", 32, 5)
+    section(
+        "text_path",
+        90,
+        lambda: bench_model(text[0], batch=text[1], device=device.type, steps=text[2], quiet=True),
+    )
+    section("sync_debug", 30, lambda: _sync_debug(device))
+    section("predict", 30, lambda: _predict(sizes, device))
+    section("data_path", 0, lambda: data_path_figures(device, dry_run))
+    if not dry_run:  # compiling the paper model takes minutes on a CPU; a GPU run has the time
+        section("train_step_compiled", 180, lambda: _train_step(sizes, device, compile_model=True))
     report["section_seconds"] = timings
     report["total_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=None if as_json else 2, default=str))

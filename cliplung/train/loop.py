@@ -21,7 +21,8 @@ One loop for 1 CPU worker, 2 CPU workers (gloo) and N GPUs (nccl, one GPU per wo
 
 Checkpoint of epoch ``e`` (``epoch_NNNN/``): ``deepspeed/`` (fp32 model without the frozen parameters,
 optimizer and scheduler; every ``train.optimizer_state_every``-th epoch and the last) or else
-``weights.pt`` (trainable weights and schedule), ``ema.pt``, ``model.pt`` (the EMA's inference export),
+``weights.pt`` (trainable weights and schedule), ``model.pt`` (the EMA's inference export, whose
+weights are the EMA's), ``ema.pt`` (the EMA's decay and update count),
 ``rng_rank*.pt``, ``config.yaml`` and ``train_state.json`` (epoch, step, metrics, what wrote it).
 """
 
@@ -168,7 +169,9 @@ def _save_checkpoint(directory: Path, run: Engine, config: Config, state: dict, 
         torch.save({"module": module, "lr_scheduler": run.scheduler.state_dict()}, directory / WEIGHTS_FILE)
     torch.save(torch.get_rng_state(), directory / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save(run.ema.state_dict(), directory / "ema.pt")
+        # The EMA's weights are model.pt's; ema.pt keeps the rest of its state (not the weights twice).
+        ema_state = {k: v for k, v in run.ema.state_dict().items() if k != "module"}
+        torch.save(ema_state, directory / "ema.pt")
         save_inference(run.ema.module, config, directory / "model.pt")
         dump_config(config, directory / "config.yaml")
         (directory / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2, default=float))
@@ -207,7 +210,11 @@ def _resume(checkpoint, run: Engine, config: Config, rank: int, world: int) -> t
             note = (
                 "; that checkpoint has no optimizer state (train.optimizer_state_every), so it starts afresh"
             )
-        run.ema.load_state_dict(torch.load(ckpt_dir / "ema.pt", map_location=run.device, weights_only=True))
+        ema_state = torch.load(ckpt_dir / "ema.pt", weights_only=True)
+        ema_state["module"] = torch.load(ckpt_dir / "model.pt", map_location=run.device, weights_only=True)[
+            "state_dict"
+        ]
+        run.ema.load_state_dict(ema_state)
         rng_file = ckpt_dir / f"rng_rank{rank}.pt"
         if rng_file.exists():
             torch.set_rng_state(torch.load(rng_file, weights_only=True))

@@ -10,6 +10,7 @@ checkpoint (with or without optimizer state) resumes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from cliplung.model import build_model
 from cliplung.model.attributes import RATING_RANGES
 from cliplung.train import loop
 from cliplung.train.preflight import TRAIN_STATE_FILE, checkpoint_identity
-from cliplung.train.step import build_engine, deepspeed_config, make_optimizer, train_step
+from cliplung.train.step import build_engine, configure_kernels, deepspeed_config, make_optimizer, train_step
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 
@@ -206,3 +207,26 @@ def test_optimizer_state_every_n_epochs_and_always_the_last() -> None:
     cfg = _config("train.epochs=5", "train.optimizer_state_every=2")
     assert [loop.optimizer_state_due(cfg, e) for e in range(5)] == [False, True, False, True, True]
     assert all(loop.optimizer_state_due(_config("train.epochs=3"), e) for e in range(3))
+
+
+def test_compile_switch_and_kernel_choice(monkeypatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored afterwards
+    cfg = _config("train.compile=true")
+    run = build_engine(cfg, _model(cfg), CPU, 10)
+    assert run.engine.is_compiled  # compiled lazily, at the first step
+    assert not build_engine(_config(), _model(_config()), CPU, 10).engine.is_compiled
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    try:
+        configure_kernels(_config(), torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        configure_kernels(_config("train.deterministic=true"), torch.device("cuda", 0))
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2])

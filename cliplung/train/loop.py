@@ -308,6 +308,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 device=device,
                 local_shuffle_buffer_size=shuffle_rows,
                 local_shuffle_seed=t.seed * 100_003 + epoch,
+                pin_memory=use_gpu,  # the batch's copy to the GPU then does not block the host
             )
         )
         while n_steps < steps_per_epoch and monitor.divergence is None:

@@ -135,6 +135,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         # Without --data: a temporary random store (the bench measures the model, not the data).
         bench_predict(args.preset, batch=args.batch, steps=args.steps, data=args.data, as_json=args.json)
+    elif args.what == "gpu":
+        from cliplung.bench.gpu import bench_gpu
+
+        bench_gpu(dry_run=args.dry_run, as_json=args.json)
     elif args.what == "train":
         from cliplung.bench.train import bench_train
 
@@ -230,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_tune(sub)
     register_evaluate(sub)
 
-    p = sub.add_parser("bench", help="benchmarks: model, ingest, train, tune, predict")
-    p.add_argument("what", choices=["model", "ingest", "train", "tune", "predict"])
+    p = sub.add_parser("bench", help="benchmarks: model, ingest, train, tune, predict, gpu")
+    p.add_argument("what", choices=["model", "ingest", "train", "tune", "predict", "gpu"])
+    p.add_argument("--dry-run", action="store_true", help="gpu: the same code at tiny sizes on the CPU")
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -113,21 +113,21 @@ def config_from_args(args):
 
 
 def test_resources_per_trial_and_flags_become_config_fields():
-    assert parse_resources("workers=2,gpus_per_worker=0.25") == [
-        "train.workers=2",
+    assert parse_resources("workers=1,gpus_per_worker=0.25") == [
+        "train.workers=1",
         "train.gpus_per_worker=0.25",
     ]
     args = _parser().parse_args(
         [
             "tune", "--trials", "7", "--max-concurrent", "2", "--epochs", "3", "--name", "42",
             "--metric", "val/auc", "--mode", "max", "--study-db", "sqlite:////tmp/x: y.db",
-            "--resources-per-trial", "workers=2,cpus_per_worker=1,gpus_per_worker=0.25",
+            "--resources-per-trial", "workers=1,cpus_per_worker=1,gpus_per_worker=0.25",
         ]
     )  # fmt: skip
     cfg = config_from_args(args)
     assert (cfg.tune.trials, cfg.tune.max_concurrent, cfg.train.epochs) == (7, 2, 3)
     assert cfg.name == "42" and cfg.tune.metric == "val/auc" and cfg.tune.study_db == "sqlite:////tmp/x: y.db"
-    assert (cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.gpus_per_worker) == (2, 1, 0.25)
+    assert (cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.gpus_per_worker) == (1, 1, 0.25)
     for bad, message in (
         ("gpus=1", "unknown key 'gpus'"),
         ("workers", "KEY=VALUE"),

@@ -36,7 +36,7 @@ _FLAGS = {
 
 
 def parse_resources(text: str) -> list[str]:
-    """``workers=2,gpus_per_worker=0.25`` as ``train.*`` ``--set`` overrides (values parsed as YAML
+    """``workers=1,gpus_per_worker=0.25`` as ``train.*`` ``--set`` overrides (values parsed as YAML
     numbers and checked by the config)."""
     overrides = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -47,7 +47,7 @@ def parse_resources(text: str) -> list[str]:
         if key not in RESOURCE_KEYS:
             raise ConfigError(
                 f"--resources-per-trial: unknown key {key!r}; use {', '.join(RESOURCE_KEYS)} "
-                "(e.g. workers=2,gpus_per_worker=0.25)"
+                "(e.g. workers=1,gpus_per_worker=0.25)"
             )
         overrides.append(f"train.{key}={value.strip()}")
     if not overrides:
@@ -107,7 +107,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--resources-per-trial",
         metavar="SPEC",
-        help="resources of each trial's training run, e.g. workers=2,gpus_per_worker=0.25 "
+        help="resources of each trial's training run, e.g. workers=1,gpus_per_worker=0.25 "
         f"(keys: {', '.join(RESOURCE_KEYS)})",
     )
     p.add_argument(

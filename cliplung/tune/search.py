@@ -42,6 +42,7 @@ curves (Tune's TensorBoardX logger).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -57,15 +58,15 @@ from cliplung.cluster import check_placement, ensure_ray
 from cliplung.config import Config, ConfigError, config_from_dict
 from cliplung.data.ingest import open_training_store
 from cliplung.runs import Run, RunError
-from cliplung.storage import check_endpoint, is_s3, parse_location
+from cliplung.storage import StorageError, check_endpoint, is_s3, parse_location
 from cliplung.tune.space import SearchPlan, apply_params, search_space, trial_config
 from cliplung.tune.study import (
     EPOCHS_DONE,
     TRIAL_ID_ATTR,
+    StudyDB,
     StudySearcher,
-    default_study_url,
     open_study_storage,
-    safe_url,
+    study_db,
 )
 from cliplung.tune.summary import TuneSummary, summarize
 
@@ -154,14 +155,14 @@ def _scheduler(config: Config):
     )
 
 
-def _new_tuner(config: Config, plan: SearchPlan, study_url: str, search: Run, stop: Any) -> ray.tune.Tuner:
+def _new_tuner(config: Config, plan: SearchPlan, db: StudyDB, search: Run, stop: Any) -> ray.tune.Tuner:
     tc = config.tune
     searcher = StudySearcher(
         plan.distributions,
         metric=tc.metric,
         mode=tc.mode,
         study_name=config.name,
-        study_url=study_url,
+        study_url=db.url,
         seed=tc.seed,
         max_epochs=config.train.epochs,
     )
@@ -188,24 +189,70 @@ def _new_tuner(config: Config, plan: SearchPlan, study_url: str, search: Run, st
     )
 
 
-def _open_study(config: Config, study_url: str, *, continuing: bool) -> optuna.storages.RDBStorage:
-    """Open the study database; a new search must not find a study of its name with trials in it,
-    a continued one must find its study."""
-    storage = open_study_storage(study_url)
+SEARCH_ATTR = "cliplung_search"
+"""Study user attribute: the location of the search that owns the study. Two searches that share
+a database under the same name would otherwise feed one study."""
+
+
+def _open_study(config: Config, db: StudyDB, search: Run, *, continuing: bool) -> optuna.storages.RDBStorage:
+    """Open the study database and claim the study ``config.name`` for this search.
+
+    A continued search must find its study. A new one creates it, tagged with its location, or
+    takes over the one it created itself in a start that died before Tune saved any state (its
+    asked trials are closed as FAIL when the search ends). A study of that name owned by another
+    search is refused, whatever it holds: it is never shared, changed or deleted."""
+    storage = open_study_storage(db.url)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    if continuing and config.name not in existing:
-        raise ConfigError(
-            f"tune.study_db: study {config.name!r} is missing from {safe_url(study_url)}; "
-            "continuing a search needs the database it started with"
-        )
-    if not continuing and config.name in existing:
-        if existing[config.name].n_trials:
+    summary = existing.get(config.name)
+    if continuing:
+        if summary is None:
             raise ConfigError(
-                f"tune.study_db: {safe_url(study_url)} already holds a study {config.name!r} with "
-                f"{existing[config.name].n_trials} trials; choose another --name (or delete the study)"
+                f"tune.study_db: study {config.name!r} is missing from {db.public}; "
+                "continuing a search needs the database it started with"
             )
-        optuna.delete_study(study_name=config.name, storage=storage)  # left by a start that died early
+        return storage
+    if summary is not None:
+        owner = summary.user_attrs.get(SEARCH_ATTR)
+        if owner != search.location and (owner is not None or summary.n_trials):
+            whose = f"search {owner}" if owner else "something other than cliplung tune"
+            raise ConfigError(
+                f"tune.study_db: {db.public} already holds a study {config.name!r} "
+                f"({summary.n_trials} trials) made by {whose}; choose another --name"
+            )
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=storage,
+        direction="maximize" if config.tune.mode == "max" else "minimize",
+        load_if_exists=True,
+    )
+    study.set_user_attr(SEARCH_ATTR, search.location)
     return storage
+
+
+def _check_search_dir(search: Run, *, create: bool = False) -> None:
+    """A local search directory must be (or be creatable as) a writable directory: checked before
+    anything is written, created (with its parents) only once every other check passed, so a path
+    that cannot be one fails naming it rather than somewhere inside Tune."""
+    if is_s3(search.location):
+        return
+    path = parse_location(search.location).path
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem is None and create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem:
+        raise StorageError(
+            f"storage.path: cannot create the search directory {path} ({problem}); check --storage and --name"
+        )
 
 
 def tune_search(
@@ -222,10 +269,17 @@ def tune_search(
     config = _absolute_paths(config)
     plan = search_space(config)
     _check(config)
-    study_url = default_study_url(config)
+    db = study_db(config)
+    if not db.is_default:
+        # Recorded without its password, wherever the password came from (see cliplung.tune.study).
+        config = config.replace(tune=dataclasses.replace(config.tune, study_db=db.public))
     if is_s3(config.storage.path):
         check_endpoint(config.storage.endpoint)
     search = Run.of(config)
+    _check_search_dir(search)
+    record = search.record()
+    if record is not None and record.get("kind") != "search":
+        raise RunError(f"{search.location} is a {record.get('kind')} run, not a search; use another --name")
     fs, _ = search.pyarrow()
     experiment = parse_location(search.location).path
     continuing = ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs)
@@ -235,15 +289,14 @@ def tune_search(
             "--storage and --name, or start the search without --resume"
         )
     store, _ = open_training_store(config)  # a bad store or split fails here, before Ray starts
-    if not config.tune.study_db:
-        os.makedirs(parse_location(search.location).path, exist_ok=True)  # the default SQLite's home
-    open_study_storage(study_url)  # an unreachable study database fails here too
+    _check_search_dir(search, create=True)
+    open_study_storage(db.url)  # an unreachable study database fails here too
     with search.lease(purpose=f"cliplung tune {config.name}"):
+        storage = _open_study(config, db, search, continuing=continuing)
         try:
             search.start(config, kind="search", store=store, may_change=SEARCH_MAY_CHANGE)
         except RunError as exc:
             raise RunError(f"{exc} (a search continues only with the config it started with)") from None
-        storage = _open_study(config, study_url, continuing=continuing)
         ensure_ray(address, num_cpus=os.cpu_count() or 1)
         check_placement(config, drivers=TRIAL_DRIVER_CPUS)
         notes: list[str] = []
@@ -256,7 +309,7 @@ def tune_search(
                 storage_filesystem=fs,
             )
         else:
-            tuner = _new_tuner(config, plan, study_url, search, stop)
+            tuner = _new_tuner(config, plan, db, search, stop)
         results = tuner.fit()
         study = optuna.load_study(study_name=config.name, storage=storage)
-        return summarize(config, plan, study, study_url, results, search, search.path("runs"), notes)
+        return summarize(config, plan, study, db.public, results, search, search.path("runs"), notes)

@@ -19,12 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# A real Prometheus server for the metrics test (Debian's package); needs root and apt.
+# Real Prometheus and PostgreSQL servers for the metrics and study-database tests (Debian's
+# packages); needs root and apt.
 system-deps:
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 	  else echo "note: prometheus not installed and cannot apt-get it; its test will be skipped"; fi; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "note: postgresql not installed and cannot apt-get it; its tests will be skipped"; fi; }
 
 demo: setup
 	$(BIN)/cliplung quickstart

@@ -127,7 +127,9 @@ class PgServer:
                 _stop(proc)
                 proc = None  # lost the port to someone else: try another one
             if proc is None:
-                raise RuntimeError(f"PostgreSQL did not start:\n{(folder / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"PostgreSQL did not start:\n{(folder / 'server.log').read_text()[-2000:]}"
+                )
             yield server
         finally:
             if proc is not None:

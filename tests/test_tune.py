@@ -75,6 +75,12 @@ def _tune_args(store_path: str, storage: str, name: str, *extra: str) -> list[st
     ]  # fmt: skip
 
 
+def own_lines(err: str) -> list[str]:
+    """What this process printed on stderr, without the lines Ray's workers of the suite's cluster
+    forward to it (``(RayTrainWorker pid=...) ...``, colour codes first)."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith(("(", "\x1b"))]
+
+
 def _run_cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     return args.func(args)
@@ -228,7 +234,7 @@ def test_every_early_failure_is_one_line_and_exit_2(store, tmp_path, monkeypatch
         extra, expected = ["--resume"], "nothing to resume"
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main(_tune_args(store.path, storage, "x", *extra)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("cliplung tune: error: "), err
     assert expected in err[0] and "Traceback" not in err[0] and ":pw@" not in err[0]
     assert afile.read_text() == "keep me\n"
@@ -498,6 +504,162 @@ def test_new_search_in_missing_folders_runs_and_the_same_command_continues(ray_c
     assert [t.state for t in optuna.load_study(study_name="s1", storage=study._storage).get_trials()] == [
         TrialState.COMPLETE
     ]
+
+
+FAKE_GPU_SITECUSTOMIZE = """
+# Test-only, for Ray processes on a cluster whose GPUs are fake (--num-gpus on a host without CUDA):
+# a Train worker that holds a GPU share joins a gloo process group instead of nccl and trains on
+# the CPU. Ray's resource accounting and placement, and everything cliplung does, stay as they are.
+
+import importlib.abc
+import importlib.util
+import sys
+
+
+def _torch_config(module):
+    real = module._setup_torch_process_group
+
+    def _setup_torch_process_group(backend, *args, **kwargs):
+        return real("gloo", *args, **kwargs)
+
+    _setup_torch_process_group.__module__ = module.__name__
+    module._setup_torch_process_group = _setup_torch_process_group
+
+
+def _cuda_devices(module):
+    import torch
+
+    cls = module.CUDATorchDeviceManager
+    real = cls.get_devices
+
+    def get_devices(self):
+        return real(self) if torch.cuda.is_available() else [torch.device("cpu")]
+
+    cls.get_devices = get_devices
+
+
+_PATCHES = {
+    "ray.train.torch.config": _torch_config,
+    "ray.air._internal.device_manager.nvidia_gpu": _cuda_devices,
+}
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name not in _PATCHES:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            _PATCHES[name](module)
+
+        spec.loader.exec_module = patched
+        return spec
+
+
+sys.meta_path.insert(0, _Finder())
+"""
+"""Put on the fake-GPU cluster's PYTHONPATH as ``sitecustomize.py``: the only thing this test
+substitutes, because the GPUs it counts do not exist (no CUDA on this machine, none lent)."""
+
+_GPU_DRIVER = """
+import json, sys, threading, time
+sys.path.insert(0, {tests!r})
+import ray
+from test_tune import _run_cli
+low = []
+def watch():
+    while True:
+        if ray.is_initialized():
+            try:
+                low.append(ray.available_resources().get("GPU", 0.0))
+            except Exception:
+                pass
+        time.sleep(0.25)
+threading.Thread(target=watch, daemon=True).start()
+code = _run_cli(sys.argv[2:])
+json.dump({{"least_free_gpu": min(low) if low else None}}, open(sys.argv[1], "w"))
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def fake_gpu_cluster(tmp_path_factory):
+    """``ray start --head --block`` with 5 CPUs and one fake GPU (its own temp dir, port and token);
+    stopped by its process group. Yields (address, environment for its drivers)."""
+    import secrets
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="/tmp/rayg-")
+    (Path(temp) / "hook").mkdir()
+    (Path(temp) / "hook" / "sitecustomize.py").write_text(FAKE_GPU_SITECUSTOMIZE)
+    token = Path(temp) / "token"
+    token.write_text(secrets.token_hex(32))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ADDRESS=f"127.0.0.1:{port}",
+        PYTHONPATH=os.pathsep.join([str(Path(temp) / "hook"), str(REPO)]),
+    )  # fmt: skip
+    start_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=5", "--num-gpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=start_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, "the fake-GPU Ray cluster did not start"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_quarter_gpu_trials_run_four_at_once_on_one_gpu(fake_gpu_cluster, store, tmp_path):
+    """``--resources-per-trial workers=1,gpus_per_worker=0.25``: four trials' Train workers hold a
+    quarter of the one GPU each, all at the same time. The cluster's GPU is fake (Ray counts it;
+    there is no CUDA), so the workers train on the CPU over gloo (see FAKE_GPU_SITECUSTOMIZE);
+    the search, Tune, the trials' placement and Ray's accounting are the real ones."""
+    address, env = fake_gpu_cluster
+    runs = tmp_path / "runs"
+    argv = _tune_args(
+        store.path, str(runs), "gpu", "--trials", "4", "--max-concurrent", "4", "--epochs", "1",
+        "--resources-per-trial", "workers=1,gpus_per_worker=0.25", "--set", "tune.asha=false",
+        "--address", address,
+    )  # fmt: skip
+    watch = tmp_path / "watch.json"
+    driver = subprocess.run(
+        [sys.executable, "-c", _GPU_DRIVER.format(tests=str(REPO / "tests")), str(watch), *argv],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+    rows = _read_csv(runs / "gpu" / "trials.csv")
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 4
+    spans = []
+    for row in rows:
+        last = json.loads((runs / "gpu" / row["trial_id"] / "result.json").read_text().splitlines()[-1])
+        spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
+    assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # all four ran at once
+    assert json.loads(watch.read_text())["least_free_gpu"] == pytest.approx(0.0)  # 4 x 0.25 held
 
 
 @pytest.fixture

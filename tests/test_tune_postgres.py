@@ -25,6 +25,7 @@ from test_tune import (
     assert_resumed_without_rerunning,
     dashboard_study,
     kill_driver_after,
+    own_lines,
 )
 
 from cliplung.config import load_config
@@ -35,6 +36,14 @@ from cliplung.tune.study import PASSWORD_FILE_ENV, STORAGE_ENV, open_study_stora
 pytestmark = pytest.mark.slow  # a PostgreSQL server (and most tests a Ray cluster)
 
 DATABASE = "studies"
+
+
+def error_line(err: str) -> str:
+    """The one line ``cliplung tune`` printed on stderr (Ray's workers of the suite's cluster may
+    print theirs there too)."""
+    (line,) = [line for line in own_lines(err) if not line.startswith("cliplung tune: note:")]
+    assert line.startswith("cliplung tune: error:"), line
+    return line
 
 
 def _snapshot(url: str, name: str) -> list[tuple]:
@@ -164,7 +173,7 @@ def test_searches_with_different_names_never_share_or_delete_each_others_study(
 
     argv = _tune_args(synthetic_store.path, str(tmp_path / "elsewhere"), "search", "--study-db", url)
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = error_line(capsys.readouterr().err)
     assert "already holds a study 'search'" in err and str(pg_search["run_dir"]) in err, err
     assert pg.password not in err
     assert _snapshot(url, "search") == other_search["search_before"]
@@ -182,8 +191,8 @@ def test_a_changed_config_is_refused_naming_the_difference(pg_search, pg, capsys
         (["--set", "tune.space.n_ctx=[2, 4]"], "tune.space.n_ctx: was [1, 2, 4, 8, 16], now [2, 4]"),
     ):
         assert main([*pg_search["argv"], *extra]) == 2
-        (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith("cliplung tune: error:") and difference in line, line
+        line = error_line(capsys.readouterr().err)
+        assert difference in line, line
     assert (pg_search["run_dir"] / "run.json").read_bytes() == run_json
     assert _snapshot(pg.url(DATABASE), "search") == trials
 
@@ -259,7 +268,7 @@ def test_a_wrong_password_fails_before_any_trial_naming_the_host_not_the_passwor
         extra = []
     assert main(_tune_args(synthetic_store.path, str(tmp_path / "runs"), "x", *extra)) == 2
     out = capsys.readouterr()
-    line = out.err.strip().splitlines()[-1]
+    line = error_line(out.err)
     assert line.startswith("cliplung tune: error: tune.study_db: cannot open the Optuna study database")
     assert f"@127.0.0.1:{pg.port}/{DATABASE}" in line and "password authentication failed" in line, line
     assert wrong not in out.err + out.out and pg.password not in out.err + out.out

@@ -7,7 +7,8 @@ name)``. Its directory holds::
 
     <storage>/<name>/
       run.json  config.yaml  lease.json   the run record, the search's config, its driver's lease
-      optuna.db                 the Optuna study (default; tune.study_db takes any SQLAlchemy URL)
+      optuna.db                 the Optuna study when it is SQLite (the default, one machine only;
+                                PostgreSQL for anything shared: see cliplung.tune.study)
       experiment_state-*.json   Ray Tune's state: trial statuses, searcher and scheduler
       <trial_id>/               Tune's per-trial logs: result.json, progress.csv, TensorBoard events
       runs/<trial_id>/          the trial's training run: run.json, splits.json, epoch_NNNN/
@@ -28,7 +29,18 @@ its newest complete checkpoint. A trial whose run had finished all its epochs be
 died re-reports its final metrics instead of training again. ``--resume`` only adds the check that
 a search exists. Another config (or search space) under the same name is refused, naming what
 differs. When the search ends the study is reconciled with Tune's results
-(:func:`cliplung.tune.study.reconcile_study`).
+(:func:`cliplung.tune.study.reconcile_study`). A RayJob's retry is exactly this: the same command.
+
+**The study** is claimed by its search (the study attribute :data:`SEARCH_ATTR` holds the
+search's location): another search of the same name in a shared database is refused, never fed
+into it or deleted. The config records ``tune.study_db`` without its password, whatever its
+source (:func:`cliplung.tune.study.study_db`).
+
+**Before anything is written** everything that can be checked without Ray is: the search space,
+the study database's URL and reachability, the nodule store, the object-store endpoint, that the
+search directory can be one (created, with its parents, only then), that the name is not a
+training run's, and a changed config. Each failure is a :class:`ConfigError`, ``StorageError``
+or ``RunError``, which ``cliplung`` prints as one line with exit code 2.
 
 **Placement groups.** A trial that ASHA stops is killed by Tune; Ray Train's own clean-up then
 frees its workers' placement group. That clean-up finds the cluster through ``RAY_ADDRESS``, which

@@ -399,8 +399,9 @@ sys.exit(_run_cli(sys.argv[1:]))
 
 def kill_driver_after(argv: list[str], run_dir: Path, finished: int, *, env: dict | None = None) -> dict:
     """Run ``cliplung tune argv`` as a separate driver process (on the cluster its ``--address``
-    names) and SIGKILL it once Tune's saved state holds ``finished`` finished trials (the next
-    ones are running or pending by then). Returns each finished trial's ``result.json`` bytes."""
+    names) and SIGKILL it once Tune's saved state holds ``finished`` finished trials whose
+    ``result.json`` in the search directory has their last epoch (the next trials are running or
+    pending by then). Returns each finished trial's ``result.json`` bytes."""
     log_path = run_dir.parent.parent / f"driver-{run_dir.name}.log"
     log = log_path.open("w")
     driver = subprocess.Popen(
@@ -411,10 +412,20 @@ def kill_driver_after(argv: list[str], run_dir: Path, finished: int, *, env: dic
         start_new_session=True,
         env={**os.environ, **(env or {})},
     )
+    epochs = int(argv[argv.index("--epochs") + 1])
+
+    def reported_all(trial_id: str) -> bool:
+        # Tune syncs a trial's result.json to the search directory after the state says TERMINATED.
+        try:
+            last = (run_dir / trial_id / "result.json").read_text().strip().splitlines()[-1]
+            return json.loads(last).get("epochs_done", 0) >= epochs
+        except (OSError, IndexError, ValueError):
+            return False
+
     deadline = time.monotonic() + 420
     try:
         while time.monotonic() < deadline:
-            done = [t for t, s in _tune_statuses(run_dir).items() if s == "TERMINATED"]
+            done = [t for t, s in _tune_statuses(run_dir).items() if s == "TERMINATED" and reported_all(t)]
             if len(done) >= finished or driver.poll() is not None:
                 break
             time.sleep(0.5)

@@ -41,7 +41,8 @@ DATABASE = "studies"
 def error_line(err: str) -> str:
     """The one line ``cliplung tune`` printed on stderr (Ray's workers of the suite's cluster may
     print theirs there too)."""
-    (line,) = [line for line in own_lines(err) if not line.startswith("cliplung tune: note:")]
+    informational = ("cliplung tune: note:", "taking over the lease of")
+    (line,) = [line for line in own_lines(err) if not line.startswith(informational)]
     assert line.startswith("cliplung tune: error:"), line
     return line
 
@@ -121,6 +122,7 @@ def other_search(pg_search, ray_session, synthetic_store, pg):
 def test_killed_search_resumes_without_rerunning_finished_trials(pg_search):
     s = pg_search
     assert_resumed_without_rerunning(s["summary"], s["run_dir"], s["before"], s["told"], trials=4)
+    assert not (s["run_dir"] / "lease.json").exists(), "the finished search kept its lease"
     assert s["summary"].study_db == s["env"][STORAGE_ENV]
 
 

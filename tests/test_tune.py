@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from cliplung.config import ConfigError, dump_config, load_config
 from cliplung.tune.cli import parse_resources, register, tune_config
-from cliplung.tune.search import TRIAL_ID_ATTR, apply_params, search_space, tune_search
+from cliplung.tune.search import TRIAL_ID_ATTR, TUNE_DIR, apply_params, search_space, tune_search
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHED = {
@@ -174,7 +174,7 @@ def test_resources_per_trial_and_flags_become_config_fields():
 def test_bad_input_fails_before_any_trial(store, tmp_path, extra, expected, forbid_ray):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         _run_cli(_tune_args(store.path, str(tmp_path / "runs"), "bad", *extra))
-    assert not list((tmp_path / "runs").glob("*/experiment_state-*.json"))
+    assert not list((tmp_path / "runs").glob("*/tune/experiment_state-*.json"))
 
 
 def test_unreachable_study_db_is_named_without_its_password(store, tmp_path, forbid_ray):
@@ -368,7 +368,7 @@ def _free_port() -> int:
 def _tune_statuses(run_dir: Path) -> dict[str, str]:
     """Trial id -> status from Tune's saved experiment state (what a resume starts from)."""
     statuses: dict[str, str] = {}
-    for path in sorted(run_dir.glob("experiment_state-*.json")):
+    for path in sorted((run_dir / TUNE_DIR).glob("experiment_state-*.json")):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):  # being rewritten
@@ -417,7 +417,7 @@ def kill_driver_after(argv: list[str], run_dir: Path, finished: int, *, env: dic
     def reported_all(trial_id: str) -> bool:
         # Tune syncs a trial's result.json to the search directory after the state says TERMINATED.
         try:
-            last = (run_dir / trial_id / "result.json").read_text().strip().splitlines()[-1]
+            last = (run_dir / TUNE_DIR / trial_id / "result.json").read_text().strip().splitlines()[-1]
             return json.loads(last).get("epochs_done", 0) >= epochs
         except (OSError, IndexError, ValueError):
             return False
@@ -431,7 +431,7 @@ def kill_driver_after(argv: list[str], run_dir: Path, finished: int, *, env: dic
             time.sleep(0.5)
         assert driver.poll() is None, f"driver ended early:\n{log_path.read_text()[-3000:]}"
         assert len(done) >= finished, f"no {finished} trials finished in time"
-        return {t: (run_dir / t / "result.json").read_bytes() for t in done}
+        return {t: (run_dir / TUNE_DIR / t / "result.json").read_bytes() for t in done}
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -447,7 +447,7 @@ def assert_resumed_without_rerunning(summary, run_dir: Path, before: dict, told:
     assert all(r["state"] == "COMPLETE" and r["epochs_done"] == 2 for r in rows.values()), rows
     for trial_id, result_log in before.items():
         assert trial_id in rows
-        assert (run_dir / trial_id / "result.json").read_bytes() == result_log
+        assert (run_dir / TUNE_DIR / trial_id / "result.json").read_bytes() == result_log
         last = json.loads(result_log.decode().strip().splitlines()[-1])
         assert rows[trial_id]["val/macro_f1"] == pytest.approx(last["val/macro_f1"])
         assert len(list((run_dir / "runs" / trial_id).glob("epoch_*"))) == 2
@@ -509,9 +509,10 @@ def test_new_search_in_missing_folders_runs_and_the_same_command_continues(ray_c
     study = optuna.load_study(study_name="s1", storage=f"sqlite:///{run_dir}/optuna.db")
     (trial,) = study.get_trials()
     assert trial.state == TrialState.COMPLETE
-    log = (run_dir / trial.user_attrs[TRIAL_ID_ATTR] / "result.json").read_bytes()
+    log = (run_dir / TUNE_DIR / trial.user_attrs[TRIAL_ID_ATTR] / "result.json").read_bytes()
     assert _run_cli(argv) == 0
-    assert (run_dir / trial.user_attrs[TRIAL_ID_ATTR] / "result.json").read_bytes() == log
+    assert (run_dir / TUNE_DIR / trial.user_attrs[TRIAL_ID_ATTR] / "result.json").read_bytes() == log
+    assert not (run_dir / "lease.json").exists()
     assert [t.state for t in optuna.load_study(study_name="s1", storage=study._storage).get_trials()] == [
         TrialState.COMPLETE
     ]
@@ -667,7 +668,9 @@ def test_quarter_gpu_trials_run_four_at_once_on_one_gpu(fake_gpu_cluster, store,
     assert [r["state"] for r in rows] == ["COMPLETE"] * 4
     spans = []
     for row in rows:
-        last = json.loads((runs / "gpu" / row["trial_id"] / "result.json").read_text().splitlines()[-1])
+        last = json.loads(
+            (runs / "gpu" / TUNE_DIR / row["trial_id"] / "result.json").read_text().splitlines()[-1]
+        )
         spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
     assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # all four ran at once
     assert json.loads(watch.read_text())["least_free_gpu"] == pytest.approx(0.0)  # 4 x 0.25 held

@@ -30,7 +30,7 @@ from test_tune import (
 
 from cliplung.config import load_config
 from cliplung.tune.cli import tune_config
-from cliplung.tune.search import TRIAL_ID_ATTR, tune_search
+from cliplung.tune.search import TRIAL_ID_ATTR, TUNE_DIR, tune_search
 from cliplung.tune.study import PASSWORD_FILE_ENV, STORAGE_ENV, open_study_storage
 
 pytestmark = pytest.mark.slow  # a PostgreSQL server (and most tests a Ray cluster)
@@ -151,7 +151,7 @@ def test_search_leaves_study_best_config_table_plots_and_tensorboard_logs(pg_sea
     for name in ("optimization_history.png", "param_importances.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for trial_id in (r["trial_id"] for r in summary.trials):
-        assert glob.glob(str(run_dir / trial_id / "events.out.tfevents.*")), trial_id
+        assert glob.glob(str(run_dir / TUNE_DIR / trial_id / "events.out.tfevents.*")), trial_id
 
 
 def test_optuna_dashboard_serves_the_study(pg_search, pg):

@@ -9,8 +9,9 @@ name)``. Its directory holds::
       run.json  config.yaml  lease.json   the run record, the search's config, its driver's lease
       optuna.db                 the Optuna study when it is SQLite (the default, one machine only;
                                 PostgreSQL for anything shared: see cliplung.tune.study)
-      experiment_state-*.json   Ray Tune's state: trial statuses, searcher and scheduler
-      <trial_id>/               Tune's per-trial logs: result.json, progress.csv, TensorBoard events
+      tune/                     Ray Tune's experiment (TUNE_DIR), which Tune alone writes:
+        experiment_state-*.json   trial statuses, searcher and scheduler state, tuner.pkl
+        <trial_id>/               per-trial logs: result.json, progress.csv, TensorBoard events
       runs/<trial_id>/          the trial's training run: run.json, splits.json, epoch_NNNN/
       trials.csv  best.yaml  optimization_history.png  param_importances.png   (the summary)
 
@@ -42,6 +43,10 @@ search directory can be one (created, with its parents, only then), that the nam
 training run's, and a changed config. Each failure is a :class:`ConfigError`, ``StorageError``
 or ``RunError``, which ``cliplung`` prints as one line with exit code 2.
 
+Tune's experiment has a folder of its own because a restored Tune copies every ``.json`` and
+``.pkl`` file at the top of its experiment folder to its staging folder and syncs them back later:
+a ``lease.json`` beside them came back stale and took the lease from the driver holding it.
+
 **Placement groups.** A trial that ASHA stops is killed by Tune; Ray Train's own clean-up then
 frees its workers' placement group. That clean-up finds the cluster through ``RAY_ADDRESS``, which
 :func:`cliplung.cluster.ensure_ray` exports for its embedded cluster.
@@ -70,7 +75,7 @@ from cliplung.cluster import check_placement, ensure_ray
 from cliplung.config import Config, ConfigError, config_from_dict
 from cliplung.data.ingest import open_training_store
 from cliplung.runs import Run, RunError
-from cliplung.storage import StorageError, check_endpoint, is_s3, parse_location
+from cliplung.storage import StorageError, check_endpoint, is_s3, parse_location, pyarrow_filesystem
 from cliplung.tune.space import SearchPlan, apply_params, search_space, trial_config
 from cliplung.tune.study import (
     EPOCHS_DONE,
@@ -87,6 +92,7 @@ __all__ = [
     "SEARCH_MAY_CHANGE",
     "TRIAL_DRIVER_CPUS",
     "TRIAL_ID_ATTR",
+    "TUNE_DIR",
     "SearchPlan",
     "TuneSummary",
     "apply_params",
@@ -98,6 +104,8 @@ __all__ = [
 TRIAL_DRIVER_CPUS = 0.1
 """CPUs held by each trial's Tune function. It only drives a Train run (the trainer asks for its
 own workers), but Tune's placement group cannot be empty."""
+TUNE_DIR = "tune"
+"""Ray Tune's experiment folder inside the search directory."""
 SEARCH_MAY_CHANGE = ("name", "preset", "storage", "metrics", "data.store")
 """What a search may change between starts: where it lives and its metrics export. Everything
 else (search space, trial count, concurrency, training config) is fixed by Tune's saved state."""
@@ -178,7 +186,7 @@ def _new_tuner(config: Config, plan: SearchPlan, db: StudyDB, search: Run, stop:
         seed=tc.seed,
         max_epochs=config.train.epochs,
     )
-    fs, root = search.pyarrow()
+    fs, root = pyarrow_filesystem(search.location, endpoint=search.endpoint)
     return ray.tune.Tuner(
         _trainable(config, search.path("runs")),
         tune_config=ray.tune.TuneConfig(
@@ -191,7 +199,7 @@ def _new_tuner(config: Config, plan: SearchPlan, db: StudyDB, search: Run, stop:
             reuse_actors=False,
         ),
         run_config=ray.tune.RunConfig(
-            name=config.name,
+            name=TUNE_DIR,
             storage_path=root,
             storage_filesystem=fs,
             callbacks=[TBXLoggerCallback()],
@@ -213,8 +221,8 @@ def _open_study(config: Config, db: StudyDB, search: Run, *, continuing: bool) -
     takes over the one it created itself in a start that died before Tune saved any state (its
     asked trials are closed as FAIL when the search ends). A study of that name owned by another
     search is refused, whatever it holds: it is never shared, changed or deleted."""
-    storage = open_study_storage(db.url)
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    rdb = open_study_storage(db.url)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(rdb)}
     summary = existing.get(config.name)
     if continuing:
         if summary is None:
@@ -222,7 +230,7 @@ def _open_study(config: Config, db: StudyDB, search: Run, *, continuing: bool) -
                 f"tune.study_db: study {config.name!r} is missing from {db.public}; "
                 "continuing a search needs the database it started with"
             )
-        return storage
+        return rdb
     if summary is not None:
         owner = summary.user_attrs.get(SEARCH_ATTR)
         if owner != search.location and (owner is not None or summary.n_trials):
@@ -233,12 +241,12 @@ def _open_study(config: Config, db: StudyDB, search: Run, *, continuing: bool) -
             )
     study = optuna.create_study(
         study_name=config.name,
-        storage=storage,
+        storage=rdb,
         direction="maximize" if config.tune.mode == "max" else "minimize",
         load_if_exists=True,
     )
     study.set_user_attr(SEARCH_ATTR, search.location)
-    return storage
+    return rdb
 
 
 def _check_search_dir(search: Run, *, create: bool = False) -> None:
@@ -292,8 +300,8 @@ def tune_search(
     record = search.record()
     if record is not None and record.get("kind") != "search":
         raise RunError(f"{search.location} is a {record.get('kind')} run, not a search; use another --name")
-    fs, _ = search.pyarrow()
-    experiment = parse_location(search.location).path
+    fs, root = pyarrow_filesystem(search.location, endpoint=search.endpoint)
+    experiment = f"{root}/{TUNE_DIR}"
     continuing = ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs)
     if resume and not continuing:
         raise ConfigError(
@@ -304,7 +312,7 @@ def tune_search(
     _check_search_dir(search, create=True)
     open_study_storage(db.url)  # an unreachable study database fails here too
     with search.lease(purpose=f"cliplung tune {config.name}"):
-        storage = _open_study(config, db, search, continuing=continuing)
+        rdb = _open_study(config, db, search, continuing=continuing)
         try:
             search.start(config, kind="search", store=store, may_change=SEARCH_MAY_CHANGE)
         except RunError as exc:
@@ -323,5 +331,5 @@ def tune_search(
         else:
             tuner = _new_tuner(config, plan, db, search, stop)
         results = tuner.fit()
-        study = optuna.load_study(study_name=config.name, storage=storage)
+        study = optuna.load_study(study_name=config.name, storage=rdb)
         return summarize(config, plan, study, db.public, results, search, search.path("runs"), notes)

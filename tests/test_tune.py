@@ -1,7 +1,8 @@
 """``cliplung tune``: the search space and its checks, bad input that fails before Ray starts, and
-(marked slow) real searches on an embedded Ray with a synthetic store: a new user's first search
-in folders that do not exist yet (SQLite study) started twice, and an ASHA search that stops weak
-trials early. The search killed midway and resumed, with its study in PostgreSQL, is in
+(marked slow) real searches with a synthetic store: four quarter-GPU trials at once on a Ray
+cluster with one fake GPU, which is also a new user's first search (folders that do not exist
+yet, the default SQLite study) followed by the same command again, and an ASHA search that stops
+weak trials early. The search killed midway and resumed, with its study in PostgreSQL, is in
 ``test_tune_postgres.py``, which shares the machinery here (:func:`kill_driver_after`,
 :func:`assert_resumed_without_rerunning`, :func:`dashboard_study`)."""
 
@@ -495,29 +496,6 @@ def _get_json(url: str):
         return json.loads(response.read())
 
 
-@pytest.mark.slow
-def test_new_search_in_missing_folders_runs_and_the_same_command_continues(ray_cluster, store, tmp_path):
-    """What a new user types: storage and name that do not exist yet, the default SQLite study.
-    Started again with the same command (a RayJob retry), it continues: nothing is trained again."""
-    storage = tmp_path / "new" / "deeper" / "runs"
-    argv = _tune_args(
-        store.path, str(storage), "s1", "--trials", "1", "--epochs", "1", "--set", "tune.asha=false",
-        "--address", ray_cluster,
-    )  # fmt: skip
-    assert _run_cli(argv) == 0
-    run_dir = storage / "s1"
-    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{run_dir}/optuna.db")
-    (trial,) = study.get_trials()
-    assert trial.state == TrialState.COMPLETE
-    log = (run_dir / TUNE_DIR / trial.user_attrs[TRIAL_ID_ATTR] / "result.json").read_bytes()
-    assert _run_cli(argv) == 0
-    assert (run_dir / TUNE_DIR / trial.user_attrs[TRIAL_ID_ATTR] / "result.json").read_bytes() == log
-    assert not (run_dir / "lease.json").exists()
-    assert [t.state for t in optuna.load_study(study_name="s1", storage=study._storage).get_trials()] == [
-        TrialState.COMPLETE
-    ]
-
-
 FAKE_GPU_SITECUSTOMIZE = """
 # Test-only, for Ray processes on a cluster whose GPUs are fake (--num-gpus on a host without CUDA):
 # a Train worker that holds a GPU share joins a gloo process group instead of nccl and trains on
@@ -652,28 +630,37 @@ def test_quarter_gpu_trials_run_four_at_once_on_one_gpu(fake_gpu_cluster, store,
     there is no CUDA), so the workers train on the CPU over gloo (see FAKE_GPU_SITECUSTOMIZE);
     the search, Tune, the trials' placement and Ray's accounting are the real ones."""
     address, env = fake_gpu_cluster
-    runs = tmp_path / "runs"
+    runs = tmp_path / "new" / "deeper" / "runs"  # what a new user types: nothing exists yet
     argv = _tune_args(
         store.path, str(runs), "gpu", "--trials", "4", "--max-concurrent", "4", "--epochs", "1",
         "--resources-per-trial", "workers=1,gpus_per_worker=0.25", "--set", "tune.asha=false",
         "--address", address,
     )  # fmt: skip
     watch = tmp_path / "watch.json"
-    driver = subprocess.run(
-        [sys.executable, "-c", _GPU_DRIVER.format(tests=str(REPO / "tests")), str(watch), *argv],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
-    rows = _read_csv(runs / "gpu" / "trials.csv")
+
+    def run_driver() -> None:
+        driver = subprocess.run(
+            [sys.executable, "-c", _GPU_DRIVER.format(tests=str(REPO / "tests")), str(watch), *argv],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+
+    run_driver()
+    run_dir = runs / "gpu"
+    rows = _read_csv(run_dir / "trials.csv")
     assert [r["state"] for r in rows] == ["COMPLETE"] * 4
+    logs = {r["trial_id"]: (run_dir / TUNE_DIR / r["trial_id"] / "result.json").read_bytes() for r in rows}
     spans = []
-    for row in rows:
-        last = json.loads(
-            (runs / "gpu" / TUNE_DIR / row["trial_id"] / "result.json").read_text().splitlines()[-1]
-        )
+    for text in logs.values():
+        last = json.loads(text.decode().splitlines()[-1])
         spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
     assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # all four ran at once
     assert json.loads(watch.read_text())["least_free_gpu"] == pytest.approx(0.0)  # 4 x 0.25 held
+    assert (run_dir / "optuna.db").exists() and not (run_dir / "lease.json").exists()
+    # The same command again (a RayJob's retry) continues the finished search: nothing reruns.
+    run_driver()
+    assert {t: (run_dir / TUNE_DIR / t / "result.json").read_bytes() for t in logs} == logs
+    assert [r["state"] for r in _read_csv(run_dir / "trials.csv")] == ["COMPLETE"] * 4
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Debian packages the tests use: a real Prometheus server (and its promtool) for the metrics and
-# dashboard tests, shellcheck for cluster/local-cluster.sh. Needs root and apt.
+# dashboard tests, shellcheck for cluster/local-cluster.sh, PostgreSQL (initdb, pg_ctl) for the
+# study-database tests. Needs root and apt.
 SYSTEM_DEPS := prometheus:prometheus promtool:prometheus shellcheck:shellcheck
 system-deps:
 	@missing=$$(for dep in $(SYSTEM_DEPS); do command -v $${dep%%:*} >/dev/null 2>&1 || echo $${dep#*:}; done | sort -u); \
@@ -28,6 +29,10 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "note: cannot apt-get $$missing; the tests that need them are skipped"; fi; fi
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "note: postgresql not installed and cannot apt-get it; its tests will be skipped"; fi; }
 
 demo: setup
 	$(BIN)/cliplung quickstart

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from pgserver import pg_server  # noqa: F401  (the suite's PostgreSQL, tests/pgserver.py)
 
 TEST_AWS_ACCESS_KEY_ID = "CLIPLUNGTESTKEY7F3A"
 TEST_AWS_SECRET_ACCESS_KEY = "cliplung-test-secret-9b2c-do-not-persist"

@@ -5,6 +5,10 @@
     cliplung tune --config debug --data stores/phantom --storage runs --name search1 --resume
     optuna-dashboard sqlite:///runs/search1/optuna.db --host 127.0.0.1 --port 8081
 
+    # A shared study in PostgreSQL, the password kept off the command line:
+    export OPTUNA_STORAGE=postgresql+psycopg://optuna@db.example:5432/optuna PGPASSWORD=...
+    cliplung tune --config debug --data s3://bucket/stores/phantom --storage s3://bucket/runs --name s2
+
 Registered on the main parser by :func:`register`; bad input raises
 :class:`~cliplung.config.ConfigError`, which ``cliplung``'s ``main`` turns into exit code 2.
 """
@@ -12,6 +16,7 @@ Registered on the main parser by :func:`register`; bad input raises
 from __future__ import annotations
 
 import argparse
+import sys
 
 from cliplung.arguments import add_config_args, config_from_args
 from cliplung.config import Config, ConfigError
@@ -55,6 +60,15 @@ def parse_resources(text: str) -> list[str]:
     return overrides
 
 
+def _has_password(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:
+        return False
+
+
 def tune_config(args: argparse.Namespace) -> Config:
     """Preset/file, then the explicit flags, then ``--resources-per-trial``, then ``--set``."""
     resources = parse_resources(args.resources_per_trial) if args.resources_per_trial else []
@@ -66,6 +80,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cliplung.tune.search import tune_search
 
     config = tune_config(args)
+    if args.study_db and _has_password(args.study_db):
+        print(
+            "cliplung tune: note: the --study-db password is visible to `ps` and in Ray's job list; "
+            "pass the URL without it and the password in PGPASSWORD or a file named by "
+            "CLIPLUNG_STUDY_DB_PASSWORD_FILE (the search records the URL without it either way)",
+            file=sys.stderr,
+            flush=True,
+        )
     t, tc = config.train, config.tune
     gpus = f", {t.gpus_per_worker} GPU" if t.gpus_per_worker else ""
     print(
@@ -101,8 +123,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--study-db",
         metavar="URL",
-        help="SQLAlchemy URL of the Optuna study (default: sqlite file <storage>/<name>/optuna.db; "
-        "required for s3:// storage)",
+        help="SQLAlchemy URL of the Optuna study, e.g. postgresql+psycopg://optuna@host:5432/optuna "
+        "(default: $OPTUNA_STORAGE, else the SQLite file <storage>/<name>/optuna.db; s3:// storage "
+        "needs a database). Keep the password out of it: PGPASSWORD, ~/.pgpass or a file named by "
+        "CLIPLUNG_STUDY_DB_PASSWORD_FILE",
     )
     p.add_argument(
         "--resources-per-trial",

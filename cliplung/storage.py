@@ -246,13 +246,15 @@ def _delays(attempts: int):
         delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
 
-def retry(fn: Callable[[], T], *, what: str, attempts: int = RETRY_ATTEMPTS) -> T:
-    """``fn()``, retried on :func:`is_transient` errors with bounded exponential backoff.
+def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None) -> T:
+    """``fn()``, retried on :func:`is_transient` errors with bounded exponential backoff
+    (``attempts`` tries, default :data:`RETRY_ATTEMPTS`).
 
     Each retry is logged (``what``, the error, the delay). After the last attempt a
     :class:`StorageError` says ``what`` failed and how long it kept trying; errors that are not
     transient propagate at once, unchanged.
     """
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
     started = time.monotonic()
     delays = _delays(attempts)
     for attempt in range(1, attempts + 1):
@@ -274,10 +276,11 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = RETRY_ATTEMPTS) -> 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def aretry(fn, *, what: str, attempts: int = RETRY_ATTEMPTS):
+async def aretry(fn, *, what: str, attempts: int | None = None):
     """:func:`retry` for a coroutine function (``await fn()``)."""
     import asyncio
 
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
     started = time.monotonic()
     delays = _delays(attempts)
     for attempt in range(1, attempts + 1):

@@ -329,7 +329,12 @@ def test_missing_truncated_and_damaged_objects_are_refused_by_name(tmp_path):
     shard = root / "patches" / "c" / "1" / "0" / "0" / "0"
 
     data = shard.read_bytes()
+    opened_before = NoduleStore.open(str(path))
     shard.write_bytes(data[:-7])
+    with pytest.raises(
+        StoreError, match=r"object patches/c/1/0/0/0 returned \d+ bytes where the completion marker"
+    ):
+        opened_before.read_rows(64, 70, ["patches"])
     with pytest.raises(
         StoreError,
         match=rf"object patches/c/1/0/0/0 has {len(data) - 7} bytes, the completion marker records {len(data)}",

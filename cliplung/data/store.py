@@ -290,6 +290,10 @@ def _read_pointer(path: str, endpoint: str | None) -> dict | None:
     data, _ = storage.retry(
         lambda: storage.read_tagged(storage.join(path, POINTER), endpoint), what=f"store {path}: {POINTER}"
     )
+    return _parse_pointer(path, data)
+
+
+def _parse_pointer(path: str, data: bytes | None) -> dict | None:
     if data is None:
         return None
     try:
@@ -319,17 +323,26 @@ def _base_store(root: str, endpoint: str | None, *, read_only: bool):
 
 
 def _expected_length(byte_range, size: int) -> int:
-    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.abc.store import RangeByteRequest
 
     if byte_range is None:
         return size
     if isinstance(byte_range, RangeByteRequest):
         return max(0, min(byte_range.end, size) - byte_range.start)
-    if isinstance(byte_range, OffsetByteRequest):
-        return max(0, size - byte_range.offset)
-    if isinstance(byte_range, SuffixByteRequest):
-        return min(byte_range.suffix, size)
     return -1
+
+
+def _absolute(byte_range, size: int):
+    """A suffix or offset request as the explicit range it means for an object of ``size`` bytes:
+    a truncated object then answers short instead of with the wrong bytes (Zarr reads a shard's
+    index as the object's last bytes)."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    if isinstance(byte_range, SuffixByteRequest):
+        return RangeByteRequest(max(0, size - byte_range.suffix), size)
+    if isinstance(byte_range, OffsetByteRequest):
+        return RangeByteRequest(byte_range.offset, size)
+    return byte_range
 
 
 class _CheckedStore(WrapperStore):
@@ -378,7 +391,13 @@ class _CheckedStore(WrapperStore):
                 f"implies {expected}: it was truncated or replaced after the store was written"
             )
 
+    def _range(self, key: str, byte_range):
+        if self.objects is None or key not in self.objects:
+            return byte_range
+        return _absolute(byte_range, int(self.objects[key][0]))
+
     async def get(self, key, prototype, byte_range=None):
+        byte_range = self._range(key, byte_range)
         value = await storage.aretry(
             lambda: WrapperStore.get(self, key, prototype, byte_range),
             what=f"store {self.where}: object {key}",
@@ -387,7 +406,7 @@ class _CheckedStore(WrapperStore):
         return value
 
     async def get_partial_values(self, prototype, key_ranges):
-        key_ranges = list(key_ranges)
+        key_ranges = [(key, self._range(key, byte_range)) for key, byte_range in key_ranges]
         keys = sorted({k for k, _ in key_ranges})
         values = await storage.aretry(
             lambda: WrapperStore.get_partial_values(self, prototype, key_ranges),
@@ -626,7 +645,13 @@ class StoreWriter:
     def publish(self) -> None:
         """Make the finished version live (see :func:`publish`)."""
         self._require("finished")
-        publish(self.path, self.version, endpoint=self.endpoint, expected_tag=self._pointer_tag)
+        publish(
+            self.path,
+            self.version,
+            endpoint=self.endpoint,
+            expected_tag=self._pointer_tag,
+            replaces=self.replaces,
+        )
         self._state = "published"
 
     def commit(self, *, fold: np.ndarray, attrs: dict[str, Any], config_yaml: str | None = None) -> str:
@@ -654,39 +679,52 @@ class StoreWriter:
             self.abort()
 
 
-def publish(path: str, version: str, *, endpoint: str | None = None, expected_tag: Any = ...) -> None:
+def publish(
+    path: str,
+    version: str,
+    *,
+    endpoint: str | None = None,
+    expected_tag: Any = ...,
+    replaces: str | None = None,
+) -> None:
     """Point the store at ``path`` to its complete version ``version``, then remove old versions.
 
     The pointer is replaced only if it still holds what it held when the build started
-    (``expected_tag``; default: what it holds now). Then older versions are removed, all but the
-    one just replaced (see :func:`_remove_old`). Raises :class:`StoreError` saying
-    where the new version is and how to commit it when the pointer cannot be moved.
+    (``expected_tag``; default: what it holds now; ``replaces``: the version it named then). Then
+    older versions are removed, all but the one just replaced (see :func:`_remove_old`). Raises
+    :class:`StoreError` saying where the new version is and how to commit it when the pointer
+    cannot be moved (an outage, a refused write, another commit that won).
     """
     path = _normalize(path)
     pointer_loc = storage.join(path, POINTER)
     root = storage.join(path, version)
-    if expected_tag is ...:
-        _, expected_tag = storage.retry(
+    previous = replaces
+
+    def kept() -> str:
+        return (
+            f"the new version is complete and kept at {root}, but the store still serves "
+            f"{previous or 'the version it served before'}; rerunning the same `cliplung prepare` with "
+            "--resume commits it without recomputing any scan"
+        )
+
+    try:
+        marker = _read_marker(path, version, endpoint)  # only a complete version may go live
+        raw, tag = storage.retry(
             lambda: storage.read_tagged(pointer_loc, endpoint), what=f"store {path}: {POINTER}"
         )
-    before = _read_pointer(path, endpoint)
-    previous = before["version"] if before else None
-    marker = _read_marker(path, version, endpoint)
-    content = {
-        "format": STORE_FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "version": version,
-        "previous": previous,
-        "num_nodules": marker.get("num_nodules"),
-        "committed": _now(),
-    }
-    data = (json.dumps(content, indent=1) + "\n").encode("utf-8")
-    kept = (
-        f"the new version is complete and kept at {root}, but the store still serves "
-        f"{previous or 'no version'}; rerunning the same `cliplung prepare` with --resume commits it "
-        "without recomputing any scan"
-    )
-    try:
+        before = _parse_pointer(path, raw)
+        previous = before["version"] if before else None
+        if expected_tag is ...:
+            expected_tag = tag
+        content = {
+            "format": STORE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "version": version,
+            "previous": previous,
+            "num_nodules": marker.get("num_nodules"),
+            "committed": _now(),
+        }
+        data = (json.dumps(content, indent=1) + "\n").encode("utf-8")
         storage.retry(
             lambda: storage.replace_if(pointer_loc, data, expected_tag, endpoint),
             what=f"store {path}: {POINTER}",
@@ -696,10 +734,12 @@ def publish(path: str, version: str, *, endpoint: str | None = None, expected_ta
         if not (now and now["version"] == version):  # a retried PUT that had in fact succeeded
             raise StoreError(
                 f"{path}: another commit changed the store while this one was built ({POINTER} now names "
-                f"{now['version'] if now else 'nothing'}); {kept}"
+                f"{now['version'] if now else 'nothing'}); {kept()}"
             ) from None
+    except StoreError:
+        raise
     except Exception as exc:
-        raise StoreError(f"{path}: publishing failed ({storage.describe_error(exc)}); {kept}") from exc
+        raise StoreError(f"{path}: publishing failed ({storage.describe_error(exc)}); {kept()}") from exc
     _remove_old(path, version=version, previous=previous, endpoint=endpoint)
 
 

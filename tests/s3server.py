@@ -146,15 +146,16 @@ class SeaweedS3:
         except Exception:
             return False
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 20 s); its data directory stays."""
-        self._terminate()
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 20 s; ``kill``: SIGKILL at once, an abrupt
+        outage with no graceful shutdown); its data directory stays."""
+        self._terminate(signal.SIGKILL if kill else signal.SIGTERM)
 
-    def _terminate(self) -> None:
+    def _terminate(self, sig: int = signal.SIGTERM) -> None:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:

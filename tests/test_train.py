@@ -109,29 +109,35 @@ def test_classification_metrics_on_a_hand_checked_case():
     assert m["val/auc"] == pytest.approx(1.0)
 
 
+def _version(path: Path) -> Path:
+    """Where the live version's Zarr group and marker are (the store keeps versions)."""
+    return Path(NoduleStore.open(str(path)).root)
+
+
 def _break_marker(path: Path) -> None:
-    (path / COMPLETION_MARKER).unlink()
+    (_version(path) / COMPLETION_MARKER).unlink()
 
 
 def _break_lengths(path: Path) -> None:
     import zarr
 
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(str(_version(path)), mode="r+")
     group["label"].resize((group["label"].shape[0] - 3,))
 
 
 def _break_nan(path: Path) -> None:
     import zarr
 
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(str(_version(path)), mode="r+")
     patch = group["patches"][5]
     patch[0, 0, 0] = np.nan
     group["patches"][5] = patch
 
 
+# A changed object no longer matches the marker's manifest: opening the store names it.
 @pytest.mark.parametrize(
     ("breakage", "expected"),
-    [(_break_marker, "incomplete"), (_break_lengths, "label"), (_break_nan, "NaN")],
+    [(_break_marker, "no completion marker"), (_break_lengths, "label"), (_break_nan, "patches")],
     ids=["no-marker", "mismatched-lengths", "nan-patches"],
 )
 def test_bad_store_fails_before_any_worker(tmp_path, capsys, breakage, expected):

@@ -739,7 +739,8 @@ def publish(
     except StoreError:
         raise
     except Exception as exc:
-        raise StoreError(f"{path}: publishing failed ({storage.describe_error(exc)}); {kept()}") from exc
+        reason = str(exc) if isinstance(exc, storage.StorageError) else storage.describe_error(exc)
+        raise StoreError(f"{path}: making the new version live failed ({reason}); {kept()}") from exc
     _remove_old(path, version=version, previous=previous, endpoint=endpoint)
 
 

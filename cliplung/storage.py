@@ -71,7 +71,6 @@ __all__ = [
     "s3_client",
     "s3_storage_options",
     "sha256_of",
-    "temporary_sibling",
     "write_bytes",
     "write_text",
 ]
@@ -166,11 +165,6 @@ def join(base: str, *parts: str) -> str:
         pieces = [str(base).rstrip("/")] + [str(p).strip("/") for p in parts if p]
         return "/".join(pieces)
     return os.path.join(base, *parts)
-
-
-def temporary_sibling(location: str, tag: str = "tmp") -> str:
-    """A fresh sibling of ``location`` (``NAME.tmp-<uuid>``)."""
-    return f"{str(location).rstrip('/')}.{tag}-{uuid.uuid4().hex[:12]}"
 
 
 # --------------------------------------------------------------------------- transient errors, retries

@@ -52,8 +52,9 @@ Layout and commit. A store path holds versions and a pointer naming the live one
 A build writes a new version directory next to the live one, ends it with its completion marker
 ``_COMPLETE``, and then *publishes* it by replacing the pointer (one ``os.replace`` locally, one
 conditional PUT on S3, so a commit racing another one is refused instead of silently losing it).
-Nothing is copied or renamed, so at every instant the pointer names a complete version: a commit
-killed at any point leaves a store that opens (old or new). A reader resolves the pointer once, at
+No version is copied or renamed (the pointer's replacement is the one atomic step), so at every
+instant the pointer names a complete version: a commit killed at any point leaves a store that
+opens (old or new). A reader resolves the pointer once, at
 :meth:`NoduleStore.open`, and from then on reads its own version (a pickled store carries it to Ray
 tasks). After the pointer moved, the commit removes the versions created before the new one except
 the one it replaced, so readers that opened the old version keep reading it until the *next*

@@ -1124,8 +1124,12 @@ def entrypoint_flags(
     result = expand_entrypoint(entrypoint, env)
     assert result.returncode == 0, result.stderr
     words = result.stdout.split("\n")[:-1]
-    pairs = list(zip(words[2::2], words[3::2], strict=True))
-    assert all(flag.startswith("--") for flag, _ in pairs), words
+    pairs, rest = [], words[2:]
+    while rest:  # a flag followed by another flag (or nothing) is a switch: its value is ""
+        flag, rest = rest[0], rest[1:]
+        assert flag.startswith("--"), words
+        value = rest.pop(0) if rest and not rest[0].startswith("--") else ""
+        pairs.append((flag, value))
     overrides = dict(value.split("=", 1) for flag, value in pairs if flag == "--set")
     return words, {flag: value for flag, value in pairs if flag != "--set"}, overrides
 
@@ -1141,6 +1145,7 @@ def test_job_entry_points_expand_in_the_submitter_shell(name: str) -> None:
         assert flags["--storage-endpoint"] == "http://minio:9000", words
         if job == "prepare":
             assert flags["--source"] == "phantom" and flags["--out"] == "s3://bucket/cliplung/stores/phantom"
+            assert flags["--resume"] == "", "a retried prepare job must continue its build"
         else:
             assert flags["--data"] == "s3://bucket/cliplung/stores/phantom"
             # Fixed --storage and --name: a retried or resubmitted job resumes the same run.

@@ -5,14 +5,13 @@ themselves: a PostgreSQL StatefulSet with its volume claim and a ClusterIP Servi
 as a Deployment behind a ClusterIP Service, both non-root with requests and limits, both reading
 the Secret ``cliplung-study-db`` that the user creates. The job: every tune RayJob's head (where
 the driver runs) reads that Secret and nothing else does; and its entry point, expanded the way
-the submitter's shell does, with the Secret's values substituted (a real PostgreSQL, a moto S3
+the submitter's shell does, with the Secret's values substituted (a real PostgreSQL, a SeaweedFS S3
 holding the store) passes ``cliplung tune``'s own validation, up to the point where it would
 start Ray. Without the Secret it exits 2, as every tune job did before.
 """
 
 from __future__ import annotations
 
-import logging
 import shlex
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -160,22 +160,12 @@ class _WouldStartRay(Exception):
 
 
 @pytest.fixture(scope="module")
-def s3_with_stores():
-    """A moto S3 server with one bucket; each test writes the store its job reads."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
-        import boto3
-
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        yield url
-    finally:
-        server.stop()
+def s3_with_stores(s3_server):
+    """The suite's SeaweedFS S3 server with this module's bucket; each test writes the store its
+    job reads."""
+    if BUCKET not in {b["Name"] for b in s3_server.client().list_buckets().get("Buckets", [])}:
+        s3_server.client().create_bucket(Bucket=BUCKET)
+    return s3_server.url
 
 
 def _expand(entrypoint: str, env: dict[str, str]) -> list[str]:
@@ -234,7 +224,10 @@ def test_the_tune_jobs_entry_point_passes_cliplung_tunes_validation(
     }
     values = {
         "cliplung-storage": storage,
-        "cliplung-s3-credentials": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+        "cliplung-s3-credentials": {
+            "AWS_ACCESS_KEY_ID": TEST_AWS_ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": TEST_AWS_SECRET_ACCESS_KEY,
+        },
         SECRET: {"OPTUNA_STORAGE": pg_server.url(database, password=False), "PGPASSWORD": pg_server.password},
     }
     words = _expand(job["spec"]["entrypoint"], storage)  # the submitter has the ConfigMap only

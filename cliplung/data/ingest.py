@@ -132,17 +132,26 @@ class NoduleDatasource(Datasource):
 
     Rows carry ``patches`` (float32, D x H x W), ``label`` (int64, remapped for the 2-class
     task), ``attributes`` (float32, 8 mean reader ratings) and ``index`` (the store row).
-    Each read task opens the store itself (cheap: zarr metadata only) and reads one contiguous
-    row range, i.e. a few whole shards.
+    ``store`` is an open :class:`NoduleStore` or a path (opened here, on the driver): every read
+    task reads that store's version, even if the store is replaced while the dataset is read, and
+    each task reads one contiguous row range, i.e. a few whole shards. Store reads retry transient
+    object-store errors with bounded backoff (see :mod:`cliplung.data.store`), so a short outage
+    costs a few seconds of waiting rather than a failed task (and with it the training run's
+    worker group).
     """
 
     def __init__(
-        self, path: str, indices: np.ndarray, *, endpoint: str | None, task: str, rows_per_task: int = 256
+        self,
+        store: NoduleStore | str,
+        indices: np.ndarray,
+        *,
+        endpoint: str | None = None,
+        task: str,
+        rows_per_task: int = 256,
     ) -> None:
         super().__init__()
-        self._path = path
+        self._store = store if isinstance(store, NoduleStore) else NoduleStore.open(store, endpoint=endpoint)
         self._indices = np.asarray(indices, dtype=np.int64)
-        self._endpoint = endpoint
         self._task = task
         self._rows_per_task = rows_per_task
 
@@ -158,7 +167,7 @@ class NoduleDatasource(Datasource):
         per_task = max(1, min(self._rows_per_task, -(-len(self._indices) // max(1, parallelism))))
         return [
             ReadTask(
-                functools.partial(_read_rows, self._path, self._endpoint, self._task, piece),
+                functools.partial(_read_rows, self._store, self._task, piece),
                 BlockMetadata(num_rows=len(piece), size_bytes=None, input_files=None, exec_stats=None),
                 per_task_row_limit=per_task_row_limit,
             )
@@ -166,8 +175,8 @@ class NoduleDatasource(Datasource):
         ]
 
 
-def _read_rows(path: str, endpoint: str | None, task: str, piece: np.ndarray):
-    store = NoduleStore.open(path, endpoint=endpoint)
+def _read_rows(store: NoduleStore, task: str, piece: np.ndarray):
+    # ``store`` arrives pickled: pinned to the driver's version, opened lazily in this task.
     rows = store.read_rows(int(piece[0]), int(piece[-1]) + 1, fields=ROW_FIELDS)
     local = piece - piece[0]
     label = task_labels(np.asarray(rows["label"])[local], task)
@@ -212,9 +221,7 @@ def build_datasets(config: Config, store: NoduleStore, splits: Splits) -> dict[s
     """
     return {
         name: ray.data.read_datasource(
-            NoduleDatasource(
-                store.path, getattr(splits, name), endpoint=config.storage.endpoint, task=config.data.task
-            ),
+            NoduleDatasource(store, getattr(splits, name), task=config.data.task),
             num_cpus=0,
             concurrency=READ_CONCURRENCY,
         )

@@ -45,10 +45,12 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 __all__ = [
+    "AWS_KEY_VARIABLES",
     "StorageConflict",
     "StorageError",
     "StorageLocation",
     "aretry",
+    "aws_keys_off_the_environment",
     "check_endpoint",
     "describe_error",
     "exists",
@@ -442,6 +444,62 @@ def pyarrow_filesystem(location: str, endpoint: str | None = None) -> tuple[pyar
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs), loc.path
+
+
+AWS_KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+@contextlib.contextmanager
+def aws_keys_off_the_environment():
+    """Move AWS keys from this process's environment into a private credentials file for the block.
+
+    Ray Tune copies ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and the session token from the
+    driver's environment into every trial actor's ``runtime_env`` (``ENV_VARS_TO_PROPAGATE`` in
+    ``ray/tune/execution/class_cache.py``, Ray 2.60), and Ray's runtime-env agent writes each
+    ``runtime_env`` into ``runtime_env_agent.log`` in clear. With the keys in a file named by
+    ``AWS_SHARED_CREDENTIALS_FILE`` instead, every SDK here (botocore, s3fs, pyarrow's AWS SDK)
+    still finds them through its default chain, Tune has nothing to copy, and an embedded Ray
+    started inside the block hands the file's name, not the keys, to its workers.
+
+    The file lives in ``/dev/shm`` (memory, never disk) where there is one, mode 0600 in a 0700
+    folder, under the profile ``AWS_PROFILE`` names (else ``default``), and is removed when the
+    block ends; the environment is restored then. Without keys in the environment (a profile, a
+    role, a web-identity token) nothing changes.
+    """
+    import tempfile
+
+    if not os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        yield None
+        return
+    saved = {name: os.environ.get(name) for name in (*AWS_KEY_VARIABLES, "AWS_SHARED_CREDENTIALS_FILE")}
+    shm = "/dev/shm"
+    folder = tempfile.mkdtemp(
+        prefix="cliplung-aws-", dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    )
+    path = os.path.join(folder, "credentials")
+    lines = [
+        f"[{os.environ.get('AWS_PROFILE') or 'default'}]",
+        f"aws_access_key_id = {saved['AWS_ACCESS_KEY_ID']}",
+        f"aws_secret_access_key = {saved['AWS_SECRET_ACCESS_KEY']}",
+    ]
+    token = saved["AWS_SESSION_TOKEN"] or saved["AWS_SECURITY_TOKEN"]
+    if token:
+        lines.append(f"aws_session_token = {token}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        for name in AWS_KEY_VARIABLES:
+            os.environ.pop(name, None)
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
+        yield path
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- small file operations

@@ -498,6 +498,32 @@ def test_readme_train_job_runs_on_both_one_cpu_nodes(local_cluster: LocalCluster
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_prepare_submitted_to_the_two_node_cluster_runs_scans_on_both_nodes(
+    local_cluster: LocalCluster,
+) -> None:
+    """`jobs/prepare.py` through `ray job submit`: every scan is a Ray task, both nodes run some, and
+    the store's bytes equal a serial build's (issue 13 item 7)."""
+    from test_data_prepare import _array_objects, _phantom
+
+    from cliplung.data.prepare import prepare_store
+    from cliplung.data.store import POINTER, NoduleStore
+
+    out = local_cluster.temp_dir / "store"
+    _, stdout = local_cluster.submit(
+        "python", "jobs/prepare.py", "--source", "phantom", "--limit", "6", "--folds", "2", "--out", str(out),
+        working_dir=REPO, timeout=800,
+    )  # fmt: skip
+    assert "executor ray" in stdout
+    (nodes,) = re.findall(r"nodes\s+(\d+) Ray nodes ran scans", stdout)
+    assert nodes == "2", stdout[-3000:]
+    clean = local_cluster.temp_dir / "clean"
+    prepare_store(_phantom(limit=6), str(clean), progress=False, executor="serial")
+    assert _array_objects(out) == _array_objects(clean)
+    assert json.loads((out / POINTER).read_text())["version"] == NoduleStore.open(str(out)).version
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_down_stops_every_process_it_started(local_cluster: LocalCluster) -> None:
     # Last test of the module: it takes the shared cluster down.

@@ -6,7 +6,6 @@ two-node cluster through `ray job submit`), quickstart that never replaces anyth
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -357,55 +356,3 @@ def test_every_executor_and_worker_count_gives_the_same_bytes(tmp_path, ray_sess
     assert len(reference) > 20
     for name in ("processes", "ray"):
         assert _array_objects(outs[name]) == reference, name
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_prepare_submitted_to_a_two_node_cluster_runs_scans_on_both_nodes(tmp_path):
-    from test_cluster_configs import RAY_BIN, run_script
-
-    temp_dir = Path(tempfile_dir())
-    try:
-        up = run_script("up", temp_dir=temp_dir, timeout=400)
-        assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
-        exports = dict(
-            line.removeprefix("export ").split("=", 1)
-            for line in run_script("env", temp_dir=temp_dir).stdout.split("\n")
-            if line
-        )
-        home = temp_dir / "home"
-        home.mkdir()
-        env = (
-            {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)} | exports
-        )
-        out = tmp_path / "store"
-        job = subprocess.run(
-            [
-                str(RAY_BIN), "job", "submit",
-                "--address", exports["RAY_ADDRESS"],
-                "--working-dir", str(REPO),
-                "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
-                "--",
-                "python", "jobs/prepare.py", "--source", "phantom", "--limit", "6", "--folds", "2",
-                "--out", str(out),
-            ],
-            env=env, capture_output=True, text=True, timeout=800, cwd=tmp_path,
-        )  # fmt: skip
-    finally:
-        run_script("down", temp_dir=temp_dir, timeout=180)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert job.returncode == 0, f"{job.stdout[-4000:]}\n{job.stderr[-4000:]}"
-    assert "executor ray" in job.stdout
-    (nodes,) = re.findall(r"nodes\s+(\d+) Ray nodes ran scans", job.stdout)
-    assert nodes == "2", job.stdout[-3000:]
-    clean = tmp_path / "clean"
-    prepare_store(_phantom(limit=6), str(clean), progress=False, executor="serial")
-    assert _array_objects(out) == _array_objects(clean)
-    assert json.loads((out / POINTER).read_text())["version"] == NoduleStore.open(str(out)).version
-
-
-def tempfile_dir() -> str:
-    # Short: Ray puts Unix sockets under it.
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="cp-", dir="/tmp")

@@ -154,3 +154,41 @@ def test_retry_rides_out_transient_errors_and_gives_up_naming_what(monkeypatch, 
     calls["n"] = 0
     with pytest.raises(FileNotFoundError):  # not transient: at once, unchanged
         storage.retry(wrong, what="x")
+
+
+def test_aws_keys_move_off_the_environment_into_a_private_file_and_back(monkeypatch):
+    """What Ray Tune would copy into its trial actors' runtime_env (and Ray would log) is gone from
+    the environment during a search, while the SDKs still find the same keys."""
+    import stat
+
+    import botocore.session
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAMOVEDOFFTHEENV01")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moved/off/the/environment/secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-moved-too")
+    monkeypatch.delenv("AWS_SHARED_CREDENTIALS_FILE", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with storage.aws_keys_off_the_environment() as path:
+        assert not {name for name in storage.AWS_KEY_VARIABLES if name in os.environ}
+        assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == path
+        assert path.startswith("/dev/shm/") or not os.path.isdir("/dev/shm")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        found = botocore.session.Session().get_credentials().get_frozen_credentials()
+        assert (found.access_key, found.secret_key, found.token) == (
+            "AKIAMOVEDOFFTHEENV01",
+            "moved/off/the/environment/secret",
+            "session-token-moved-too",
+        )
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIAMOVEDOFFTHEENV01"
+    assert os.environ["AWS_SESSION_TOKEN"] == "session-token-moved-too"
+    assert "AWS_SHARED_CREDENTIALS_FILE" not in os.environ
+    assert not os.path.exists(path)
+
+
+def test_without_keys_in_the_environment_nothing_moves(monkeypatch):
+    for name in storage.AWS_KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/home/u/.aws/credentials")
+    with storage.aws_keys_off_the_environment() as path:
+        assert path is None and os.environ["AWS_SHARED_CREDENTIALS_FILE"] == "/home/u/.aws/credentials"

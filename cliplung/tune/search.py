@@ -75,7 +75,14 @@ from cliplung.cluster import check_placement, ensure_ray
 from cliplung.config import Config, ConfigError, config_from_dict
 from cliplung.data.ingest import open_training_store
 from cliplung.runs import Run, RunError
-from cliplung.storage import StorageError, check_endpoint, is_s3, parse_location, pyarrow_filesystem
+from cliplung.storage import (
+    StorageError,
+    aws_keys_off_the_environment,
+    check_endpoint,
+    is_s3,
+    parse_location,
+    pyarrow_filesystem,
+)
 from cliplung.tune.space import SearchPlan, apply_params, search_space, trial_config
 from cliplung.tune.study import (
     EPOCHS_DONE,
@@ -285,7 +292,16 @@ def tune_search(
     search space, the study database, the nodule store, the object-store endpoint, a changed
     config. ``stop`` is an optional extra Tune stopping rule (e.g. a compute budget, see
     :mod:`cliplung.bench.tune`).
+
+    AWS keys in the environment are moved into a private in-memory credentials file while the
+    search runs (:func:`cliplung.storage.aws_keys_off_the_environment`): Tune would otherwise copy
+    them into its trial actors' runtime_env, which Ray logs in clear.
     """
+    with aws_keys_off_the_environment():
+        return _search(config, resume=resume, address=address, stop=stop)
+
+
+def _search(config: Config, *, resume: bool, address: str | None, stop: Any) -> TuneSummary:
     config = _absolute_paths(config)
     plan = search_space(config)
     _check(config)

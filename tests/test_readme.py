@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,13 @@ SHRINK = "; ".join(
 )
 
 pytestmark = [pytest.mark.readme, pytest.mark.timeout(60 * 60)]
+
+NEVER_PRINTED = {
+    "Traceback (most recent call last)": "every failure is one clear line (exit 2), never a traceback",
+    "Cluster resources are not enough": "a run that fits its cluster never starves its data path",
+    "PlacementGroupCleaner": "Ray Train's clean-up reaches the cluster it runs on",
+}
+"""What the README says no command prints (README "Placement", "A local two-node cluster")."""
 
 
 @dataclass
@@ -160,6 +168,14 @@ def _environment(scratch: Path) -> dict[str, str]:
     return env
 
 
+def _never_printed(line: int, out: str) -> list[str]:
+    return [
+        f"README line {line}: printed {text!r}, which the README says never happens ({why})"
+        for text, why in NEVER_PRINTED.items()
+        if text in out
+    ]
+
+
 def _run(script: str, scratch: Path, env: dict[str, str]) -> tuple[int, str]:
     proc = subprocess.run(
         ["bash", "-c", _PRELUDE + "\n" + script],
@@ -208,10 +224,12 @@ def test_every_readme_command_block_runs_as_printed(tmp_path_factory):
                 if block.skip_reason is not None:
                     skipped.append(f"line {block.line} ({first}): {block.skip_reason}")
                     continue
+                started = time.monotonic()
                 code, out = _run(block.text, scratch, env)
                 outputs.append((block.text, out))
+                failures += _never_printed(block.line, out)
                 transcript += [
-                    f"## README line {block.line} (exit {code})",
+                    f"## README line {block.line} (exit {code}, {time.monotonic() - started:.0f} s)",
                     "```",
                     block.text,
                     "```",
@@ -256,8 +274,16 @@ def _check_transcript(block: Block, scratch: Path, env, roots, transcript: list[
         elif entries:
             entries[-1][1].append(line)
     for command, expected in entries:
+        started = time.monotonic()
         code, out = _run(command, scratch, env)
-        transcript += [f"## README line {block.line}: $ {command} (exit {code})", "```", out, "```"]
+        failures += _never_printed(block.line, out)
+        took = time.monotonic() - started
+        transcript += [
+            f"## README line {block.line}: $ {command} (exit {code}, {took:.0f} s)",
+            "```",
+            out,
+            "```",
+        ]
         missing = _missing("\n".join(expected), out, roots)
         if missing:
             failures.append(

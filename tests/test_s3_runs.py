@@ -256,7 +256,7 @@ def secret_runs(ray_session, s3_server, s3_store, tmp_path_factory):
         train = ["train", "--data", s3_store.path, "--name", "t", "--epochs", "1", "--workers", "1", *common]
         assert cli.main(train) == 0
         tune = [
-            "tune", "--data", s3_store.path, "--name", "search", "--trials", "2", "--max-concurrent", "1",
+            "tune", "--data", s3_store.path, "--name", "search", "--trials", "1", "--max-concurrent", "1",
             "--epochs", "1", "--resources-per-trial", "workers=1", "--study-db", f"sqlite:///{tmp_path / 'study.db'}",
             "--set", "tune.asha=false", *common,
         ]  # fmt: skip

@@ -657,10 +657,7 @@ def test_quarter_gpu_trials_run_four_at_once_on_one_gpu(fake_gpu_cluster, store,
     assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # all four ran at once
     assert json.loads(watch.read_text())["least_free_gpu"] == pytest.approx(0.0)  # 4 x 0.25 held
     assert (run_dir / "optuna.db").exists() and not (run_dir / "lease.json").exists()
-    # The same command again (a RayJob's retry) continues the finished search: nothing reruns.
-    run_driver()
-    assert {t: (run_dir / TUNE_DIR / t / "result.json").read_bytes() for t in logs} == logs
-    assert [r["state"] for r in _read_csv(run_dir / "trials.csv")] == ["COMPLETE"] * 4
+    # A retry of the same command continues the search: tests/test_tune_postgres.py kills one midway.
 
 
 @pytest.fixture

@@ -82,7 +82,13 @@ def _fmt(value: Any) -> str:
 
 
 def trial_rows(
-    results, study: optuna.Study, plan: SearchPlan, metric: str, mode: str, trial_runs: str
+    results,
+    study: optuna.Study,
+    plan: SearchPlan,
+    metric: str,
+    mode: str,
+    trial_runs: str,
+    endpoint: str | None = None,
 ) -> list[dict]:
     """One row per Tune trial: its Optuna state and number, epochs, last and best metric, params,
     and its newest checkpoint (``trial_runs``: the storage of the trials' training runs)."""
@@ -107,7 +113,7 @@ def trial_rows(
         row["time_total_s"] = last.get("time_total_s")
         params = ot.params if ot else (result.config or {})
         row.update({k: params.get(k) for k in plan.distributions})
-        latest = Run(trial_runs, trial_id).latest_checkpoint()
+        latest = Run(trial_runs, trial_id, endpoint).latest_checkpoint()
         row["checkpoint"] = latest.location if latest else None
         row["error"] = str(result.error).splitlines()[0] if result.error else ""
         rows.append(row)
@@ -183,7 +189,7 @@ def summarize(
     """Reconcile the study with Tune's results and write the summary files into ``search``."""
     tc = config.tune
     notes = notes + reconcile_study(study, results, tc.metric, config.train.epochs)
-    rows = trial_rows(results, study, plan, tc.metric, tc.mode, trial_runs)
+    rows = trial_rows(results, study, plan, tc.metric, tc.mode, trial_runs, search.endpoint)
     summary = TuneSummary(
         name=config.name,
         run_dir=search.location,

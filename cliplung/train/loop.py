@@ -38,6 +38,7 @@ import torch.distributed as dist
 from cliplung.config import Config, config_from_dict, dump_config
 from cliplung.data.augment import augment_batch, epoch_generator
 from cliplung.model import ModelEMA, build_model, save_inference
+from cliplung.train.early_stopping import EarlyStopping
 from cliplung.train.metrics import classification_metrics
 from cliplung.train.prometheus import WorkerMetrics
 
@@ -231,6 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     micro = t.micro_batch_size
     shuffle_rows = min(SHUFFLE_BUFFER_MAX_ROWS, steps_per_epoch * micro)
+    stopper = EarlyStopping(t, client_state if checkpoint is not None else None)
 
     for epoch in range(start_epoch, t.epochs):
         gen = epoch_generator(t.seed, epoch, rank)
@@ -302,7 +304,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             gpu_memory_bytes=gpu_mem,
         )
 
-        state = {"epoch": epoch, "global_step": global_step, "metrics": report}
+        state = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "metrics": report,
+            **stopper.after_epoch(epoch, report),
+        }
         with tempfile.TemporaryDirectory(prefix="cliplung-ckpt-") as tmp:
             _save_checkpoint(Path(tmp), engine, ema, config, state, rank)
             upload_start = time.perf_counter()
@@ -316,5 +323,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics_out.checkpoint(time.perf_counter() - upload_start, failed=True)
                 raise
             metrics_out.checkpoint(time.perf_counter() - upload_start)
+        if stopper.stopped:  # this epoch's checkpoint, just reported, is the run's last
+            if rank == 0:
+                _say(stopper.summary())
+            break
     if config.train.debug_fail_at_step is not None and rank == 0:
         _fault_marker(config).unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from cliplung.config import Config
 from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
 from cliplung.runs import CheckpointInfo, Run, best_of
 from cliplung.storage import check_endpoint, is_s3
+from cliplung.train.early_stopping import stopped_early
 from cliplung.train.loop import train_loop_per_worker
 
 __all__ = ["TrainSummary", "build_trainer", "steps_per_epoch", "train"]
@@ -148,9 +149,11 @@ def train(
     with holding:
         run.start(config, kind="train", store=store, splits=splits.record(config.data.store))
         latest = run.latest_checkpoint()
-        if latest is not None and latest.epoch is not None and latest.epoch + 1 >= t.epochs:
+        stopped = stopped_early(latest.location, config.storage.endpoint) if latest is not None else None
+        if latest is not None and latest.epoch is not None and (latest.epoch + 1 >= t.epochs or stopped):
+            done = f"{latest.epoch + 1} of {t.epochs} epochs done"
             print(
-                f"run {config.name} is complete ({latest.epoch + 1} of {t.epochs} epochs done, "
+                f"run {config.name} is complete ({'stopped early, ' if stopped else ''}{done}, "
                 f"{latest.location}): nothing to train",
                 flush=True,
             )

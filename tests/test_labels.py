@@ -57,7 +57,11 @@ def test_settings_have_names_overrides_and_round_trip():
     for name, setting in SETTINGS.items():
         cfg = load_config("debug", setting.overrides())
         d = cfg.data
-        assert (d.unsure_range, d.task, d.scored_task) == (setting.unsure_range, setting.task, setting.test_task)
+        assert (d.unsure_range, d.task, d.scored_task) == (
+            setting.unsure_range,
+            setting.task,
+            setting.test_task,
+        )
         assert setting_name(d.unsure_range, d.task, d.scored_task) == name
         assert setting.description
     assert load_config("debug").data.scored_task == "3class"
@@ -68,7 +72,9 @@ def test_settings_have_names_overrides_and_round_trip():
 def test_bad_settings_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"^data\.test_task: a 2class model has no unsure output"):
         load_config("debug", ["data.task=2class", "data.test_task=3class"])
-    with pytest.raises(ConfigError, match=r"^data\.unsure_range: must be \[low, high\] with 1 <= low <= high <= 5"):
+    with pytest.raises(
+        ConfigError, match=r"^data\.unsure_range: must be \[low, high\] with 1 <= low <= high <= 5"
+    ):
         load_config("debug", ["data.unsure_range=[3.5, 2.5]"])
     with pytest.raises(ConfigError, match=r"^data\.unsure_range"):
         load_config("debug", ["data.unsure_range=[0, 3]"])
@@ -79,7 +85,9 @@ def test_bad_settings_are_refused_naming_the_field():
 def test_three_to_two_class_map_conditions_on_not_unsure():
     probs = np.array([[0.2, 0.6, 0.2], [0.1, 0.3, 0.6], [0.5, 0.45, 0.05], [0.0, 1.0, 0.0]])
     two = map_probabilities(probs, "3class", "2class")
-    np.testing.assert_allclose(two, [[0.5, 0.5], [0.1 / 0.7, 0.6 / 0.7], [0.5 / 0.55, 0.05 / 0.55], [0.5, 0.5]])
+    np.testing.assert_allclose(
+        two, [[0.5, 0.5], [0.1 / 0.7, 0.6 / 0.7], [0.5 / 0.55, 0.05 / 0.55], [0.5, 0.5]]
+    )
     np.testing.assert_allclose(two.sum(axis=1), 1.0)
     # The benign-vs-malignant order of the model is kept: the AUC is that of p(malignant) - p(benign)'s order.
     assert (np.argsort(two[:3, 1]) == np.argsort(probs[:3, 2] / (probs[:3, 0] + probs[:3, 2]))).all()
@@ -175,5 +183,6 @@ def test_evaluate_three_class_model_on_two_classes(tmp_path: Path):
     for line in lines[1:]:
         values = line.split(",")
         p_b, p_m, raw_b, _raw_u, raw_m = (float(v) for v in values[-5:])
+        assert p_b + p_m == pytest.approx(1.0, abs=2e-6)
         assert p_m == pytest.approx(raw_m / (raw_b + raw_m), abs=2e-6)
         assert values[3] in ("benign", "malignant")

@@ -430,11 +430,25 @@ def fold_config(config: Config, fold: int, method: str | None = None, *, tag_met
     return apply_overrides(config, [f"data.test_fold={fold}", *VARIANTS[method], f"name={name}"])
 
 
-def _train(config: Config, address: str | None):
+def _train(config: Config, address: str | None, shared_data=None):
     """:func:`cliplung.train.trainer.train`, imported on first use (it pulls in DeepSpeed)."""
     from cliplung.train.trainer import train
 
-    return train(config, address=address)
+    return train(config, address=address, shared_data=shared_data)
+
+
+def _shared_data(config: Config, fold: int, method: str, address: str | None):
+    """Fold ``fold``'s training and validation data, read once for all its methods
+    (:mod:`cliplung.data.shared`); starts or joins Ray. The store is validated first, so bad input
+    fails before any run."""
+    from cliplung.cluster import ensure_ray
+    from cliplung.data.ingest import open_training_store
+    from cliplung.data.shared import SharedSplitData
+
+    cfg = fold_config(config, fold, method, tag_method=True)
+    store, splits = open_training_store(cfg)
+    ensure_ray(address, num_cpus=os.cpu_count() or 1)
+    return SharedSplitData(cfg, store, splits)
 
 
 def _read_splits(config: Config) -> dict[str, Any]:
@@ -480,15 +494,17 @@ def run_fold(
     out_dir: str,
     address: str | None,
     tag_method: bool,
+    shared_data=None,
 ) -> dict[str, Any]:
     """Train fold ``fold`` of ``method``, prove its test fold was never trained on, evaluate it.
 
-    Takes the config as a dict so it can run as a Ray task. Returns the table row.
+    Takes the config as a dict so it can run as a Ray task. ``shared_data``: the fold's data read
+    once (:func:`_shared_data`), or None for the run to read its own. Returns the table row.
     """
     base = config_from_dict(config_dict)
     method = method or _variant_of(base)
     config = fold_config(base, fold, method, tag_method=tag_method)
-    _train(config, address)
+    _train(config, address, shared_data)
     store = NoduleStore.open(config.data.store, endpoint=config.storage.endpoint)
     isolation = check_split_isolation(_read_splits(config), store, fold)
     report_dir = Path(out_dir) / config.name
@@ -550,20 +566,32 @@ def cross_validate(
     address: str | None = None,
     out_dir: str | Path | None = None,
     parallel: int = 1,
+    prefix: str = "cv",
+    share_data: bool = True,
 ) -> CVTable:
     """Train and evaluate every fold (``folds``: a count, 0..n-1, or the fold indices) of every
     method (:data:`VARIANTS` names; default: ``config.model.method``). Evaluation reports go to
-    ``out_dir`` (default ``reports/<name>``) one directory per run, and the table files next to them."""
+    ``out_dir`` (default ``reports/<name>``) one directory per run, and the table files
+    (``<prefix>_summary.md`` and the rest, see :meth:`CVTable.write`) next to them. With
+    ``share_data`` every fold's data is read once for all its methods."""
     methods = resolve_methods(methods) if methods else [_variant_of(config)]
     fold_ids = _fold_list(config, folds)
     out = Path(out_dir) if out_dir is not None else Path("reports") / config.name
     tag_method = methods != [_variant_of(config)] or len(methods) > 1
     jobs = [(m, k) for m in methods for k in fold_ids]
     data = config.to_dict()
+    shared: dict[int, Any] = {}
+
+    def fold_data(fold: int, method: str):
+        if share_data and len(methods) > 1 and fold not in shared:
+            shared[fold] = _shared_data(config, fold, method, address)
+        return shared.get(fold)
+
     if parallel <= 1:
-        rows = [run_fold(data, k, m, str(out), address, tag_method) for m, k in jobs]
+        rows = [run_fold(data, k, m, str(out), address, tag_method, fold_data(k, m)) for m, k in jobs]
     else:
-        rows = _run_parallel(config, jobs, str(out), address, tag_method, parallel)
+        rows = _run_parallel(config, jobs, str(out), address, tag_method, parallel, fold_data)
+    shared.clear()
     per_class = dict.fromkeys(k for r in rows for k in r if k.startswith(("f1_", "recall_")))
     metric_names = (*SUMMARY_METRICS, *sorted(per_class, key=lambda k: not k.startswith("f1_")))
     table = CVTable(
@@ -572,7 +600,7 @@ def cross_validate(
         setting=describe_setting(config),
         class_names=config.data.test_class_names,
     )
-    table.write(out, "cv", chart=len(methods) > 1)
+    table.write(out, prefix, chart=len(methods) > 1 or prefix == "compare")
     return table
 
 
@@ -583,6 +611,7 @@ def _run_parallel(
     address: str | None,
     tag_method: bool,
     parallel: int,
+    fold_data,
 ) -> list[dict[str, Any]]:
     import ray
 
@@ -598,7 +627,7 @@ def _run_parallel(
         while queue and len(pending) < parallel:
             i = queue.pop(0)
             method, fold = jobs[i]
-            pending[task.remote(data, fold, method, out, None, tag_method)] = i
+            pending[task.remote(data, fold, method, out, None, tag_method, fold_data(fold, method))] = i
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             rows[pending.pop(ref)] = ray.get(ref)
@@ -617,8 +646,6 @@ def compare(
     """:func:`cross_validate` of several methods on the same folds; writes ``compare_summary.md``
     (the tables), ``compare_summary.csv``, ``compare_folds.csv``, ``compare_paired.csv`` and the
     figures ``compare_summary.png``, ``compare_paired.png``, ``compare_curves.png`` to ``out_dir``."""
-    table = cross_validate(
-        config, folds, methods=methods, address=address, out_dir=out_dir, parallel=parallel
+    return cross_validate(
+        config, folds, methods=methods, address=address, out_dir=out_dir, parallel=parallel, prefix="compare"
     )
-    table.write(out_dir, "compare", chart=True)
-    return table

@@ -224,6 +224,8 @@ def learning_curves_figure(
 ) -> bytes:
     """One panel per method: each fold's validation ``metric`` by epoch (thin), their mean over the
     folds still training at that epoch (bold), and the epochs the folds stopped at (ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
     methods = list(curves)
     cols = min(4, max(1, len(methods)))
     rows = -(-len(methods) // cols) if methods else 1
@@ -247,6 +249,7 @@ def learning_curves_figure(
                 ax.axvline(stop, color="tab:red", linewidth=0.6, alpha=0.5)
         ax.set_title(method, fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=7)

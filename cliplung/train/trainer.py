@@ -133,12 +133,15 @@ def train(
     address: str | None = None,
     callbacks: Sequence[ray.train.UserCallback] = (),
     lease: bool = True,
+    shared_data=None,
 ) -> TrainSummary:
     """Train ``config`` on the Ray cluster at ``address`` (embedded when None); resume if possible.
 
     ``callbacks`` are Ray Train callbacks added to the run (a Tune trial passes
     ``TuneReportCallback``). ``lease=False`` skips the run's lease: for runs inside a search, whose
-    driver holds the lease of the whole search directory.
+    driver holds the lease of the whole search directory. ``shared_data``: a
+    :class:`cliplung.data.shared.SharedSplitData` already read for this run's split (``compare``
+    shares one per fold among its methods); refused when it was read for another split.
     """
     t = config.train
     store, splits = open_training_store(config)
@@ -160,7 +163,10 @@ def train(
             return _summary(config, run, splits, already_complete=True)
         ensure_ray(address, num_cpus=os.cpu_count() or 1)
         check_placement(config)
-        datasets = build_datasets(config, store, splits)
+        if shared_data is not None:
+            datasets = shared_data.datasets_for(config, splits)
+        else:
+            datasets = build_datasets(config, store, splits)
         trainer = build_trainer(config, datasets, steps_per_epoch(config, splits), callbacks)
         with PlacementWatch(config):
             result = trainer.fit()

@@ -19,12 +19,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# A real Prometheus server for the metrics test (Debian's package); needs root and apt.
+# Debian packages the tests use: a real Prometheus server (and its promtool) for the metrics and
+# dashboard tests, shellcheck for cluster/local-cluster.sh, PostgreSQL (initdb, pg_ctl) for the
+# study-database tests. Needs root and apt.
+SYSTEM_DEPS := prometheus:prometheus promtool:prometheus shellcheck:shellcheck
 system-deps:
-	@command -v prometheus >/dev/null 2>&1 || { \
+	@missing=$$(for dep in $(SYSTEM_DEPS); do command -v $${dep%%:*} >/dev/null 2>&1 || echo $${dep#*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	  else echo "note: prometheus not installed and cannot apt-get it; its test will be skipped"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: cannot apt-get $$missing; the tests that need them are skipped"; fi; fi
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "note: postgresql not installed and cannot apt-get it; its tests will be skipped"; fi; }
 
 demo: setup
 	$(BIN)/cliplung quickstart
@@ -42,6 +50,7 @@ test-readme: setup system-deps
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint k8s/Dockerfile
 
 format: setup
 	$(BIN)/ruff format .

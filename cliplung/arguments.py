@@ -109,11 +109,14 @@ def exit_code(exc: BaseException) -> tuple[int, str] | None:
     """(exit code, one-line message) for an error a command should report without a traceback;
     None for anything else (a bug: let the traceback through)."""
     from cliplung.evaluate.splits import SplitLeakError
+    from cliplung.train.step import DivergedError
 
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
     if isinstance(exc, SplitLeakError):
         return EXIT_FAILED, f"split leak: {exc}"
+    if isinstance(exc, DivergedError):
+        return EXIT_FAILED, str(exc)
     if isinstance(exc, bad_input_errors()):
         return EXIT_BAD_INPUT, f"error: {exc}"
     return None

@@ -68,7 +68,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     config = config_from_args(args, PREPARE_FLAGS, extra)
     if config.prepare.source == "lidc" and not config.prepare.lidc_dir:
         raise ConfigError("prepare.lidc_dir: --lidc-dir is required with --source lidc")
-    summary = prepare_store(config, args.out, overwrite=args.overwrite, endpoint=args.storage_endpoint)
+    summary = prepare_store(
+        config,
+        args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        endpoint=args.storage_endpoint,
+        address=args.address,
+    )
     print(summary.format())
     return EXIT_OK
 
@@ -76,8 +83,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from cliplung.data.inspect import inspect_store
 
-    print(inspect_store(args.store, png_out=args.png, endpoint=args.storage_endpoint))
-    return EXIT_OK
+    text, ok = inspect_store(args.store, png_out=args.png, endpoint=args.storage_endpoint, verify=args.verify)
+    print(text)
+    return EXIT_OK if ok else EXIT_BAD_INPUT
 
 
 # --------------------------------------------------------------------------- train
@@ -135,6 +143,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         # Without --data: a temporary random store (the bench measures the model, not the data).
         bench_predict(args.preset, batch=args.batch, steps=args.steps, data=args.data, as_json=args.json)
+    elif args.what == "gpu":
+        from cliplung.bench.gpu import bench_gpu
+
+        bench_gpu(dry_run=args.dry_run, as_json=args.json)
     elif args.what == "train":
         from cliplung.bench.train import bench_train
 
@@ -149,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from cliplung.data.prepare import prepare_store
-    from cliplung.data.store import NoduleStore
+    from cliplung.data.store import NoduleStore, describe_target
     from cliplung.evaluate.evaluate import evaluate
     from cliplung.train.trainer import train
 
@@ -164,16 +176,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         },
     )
     start = time.perf_counter()
-    try:
+    # Quickstart never replaces anything: it reuses a store, finishes its own interrupted build,
+    # or builds where nothing is; whatever else is at the path is an error that says what it is.
+    state = describe_target(config.data.store)
+    if state.kind == "store":
         NoduleStore.open(config.data.store)
         print(f"[1/3] phantom store {config.data.store} exists, reusing it", flush=True)
-    except StoreError:
+    elif state.kind in ("absent", "empty", "builds"):
         print(
             f"[1/3] building the phantom store at {config.data.store} (simulated intensities on real "
             "LIDC-IDRI contours and ratings)",
             flush=True,
         )
-        print(prepare_store(config, config.data.store, overwrite=True).format(), flush=True)
+        print(prepare_store(config, config.data.store, resume=True).format(), flush=True)
+    else:
+        NoduleStore.open(config.data.store)  # raises, naming what is there and what to do
+        raise StoreError(f"quickstart: {config.data.store} is not a phantom store it can use")
     print(
         f"[2/3] training {config.name}: debug preset, {config.train.workers} CPU workers, "
         f"{config.train.epochs} epochs",
@@ -213,13 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many scans")
     p.add_argument("--workers", type=int, help="parallel processes")
     p.add_argument("--on-error", choices=["skip", "fail"])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a nodule store (only one this code wrote; the old version stays readable until "
+        "the new one is committed)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted prepare of the same arguments"
+    )
+    p.add_argument(
+        "--address", help="Ray cluster to run the scans on (default RAY_ADDRESS; else local processes)"
+    )
     p.add_argument("--storage-endpoint", help="S3 endpoint URL; default AWS_ENDPOINT_URL")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("inspect", help="print a store's schema and counts; write a PNG montage")
     p.add_argument("store")
     p.add_argument("--png", help="montage output (default: none)")
+    p.add_argument(
+        "--verify", action="store_true", help="re-read every object and check its size and SHA-256"
+    )
     p.add_argument("--storage-endpoint")
     p.set_defaults(func=cmd_inspect)
 
@@ -230,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_tune(sub)
     register_evaluate(sub)
 
-    p = sub.add_parser("bench", help="benchmarks: model, ingest, train, tune, predict")
-    p.add_argument("what", choices=["model", "ingest", "train", "tune", "predict"])
+    p = sub.add_parser("bench", help="benchmarks: model, ingest, train, tune, predict, gpu")
+    p.add_argument("what", choices=["model", "ingest", "train", "tune", "predict", "gpu"])
+    p.add_argument("--dry-run", action="store_true", help="gpu: the same code at tiny sizes on the CPU")
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

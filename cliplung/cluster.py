@@ -51,6 +51,7 @@ __all__ = [
     "PlacementWatch",
     "check_placement",
     "ensure_ray",
+    "is_embedded",
     "shutdown_ray",
 ]
 
@@ -108,6 +109,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     except BaseException:
         _restore_environment()
         raise
+
+
+def is_embedded() -> bool:
+    """True when this process started the Ray cluster it is connected to (:func:`ensure_ray`)."""
+    return bool(_exported) and ray.is_initialized()
 
 
 def shutdown_ray() -> None:

@@ -15,6 +15,7 @@ so a checkpoint rebuilds its model with no other input.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import re
@@ -340,6 +341,11 @@ class ModelConfig:
     """Weight of the image-attribute contrastive loss."""
     logit_scale_init: float = 4.6052
     """Initial log of the contrastive temperature's inverse (ln 100, CLIP's cap)."""
+    ia_negatives: Literal["global", "local"] = "global"
+    """Negatives of the image-attribute InfoNCE when several workers train one model: ``global``
+    gathers every worker's image tokens and descriptions (with gradients), so the objective is the
+    one-worker objective at the same global micro-batch whatever the worker count; ``local`` scores
+    each worker's micro-batch alone (no communication, fewer negatives with more workers)."""
 
     def __post_init__(self) -> None:
         s = "model"
@@ -347,6 +353,7 @@ class ModelConfig:
         _check_choice(s, self, "method", ("ce", "coop", "cocoop", "cliplung"))
         _check_choice(s, self, "image_encoder", ("resnet18_2d", "resnet18_3d"))
         _check_choice(s, self, "attribute_prompts", ("name", "rating"))
+        _check_choice(s, self, "ia_negatives", ("global", "local"))
         _check_positive(s, self, "image_width", "feature_channels", "n_ctx", "meta_hidden")
         _check_positive(s, self, "lambda_ce", "lambda_ic", "lambda_ca", "lambda_ia", allow_zero=True)
         if self.feature_channels % self.n_ctx:
@@ -359,12 +366,19 @@ class ModelConfig:
             _fail(f"{s}.lambda_ce", "must be > 0 for method 'ce' (it is the only loss)")
 
 
+MIN_GPU_MICRO_BATCH = 16
+"""Smallest per-GPU micro-batch of a multi-GPU run: each GPU's BatchNorm sees its micro-batch only
+(no SyncBatchNorm: an all-reduce per BatchNorm layer, forward and backward, on the critical path)."""
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """How Ray Train runs the per-worker loop."""
 
-    workers: int = 2
-    """Ray Train workers (processes); each holds one model replica."""
+    workers: int = 1
+    """Ray Train workers (processes); each holds one model replica and, with GPUs, one GPU. One GPU
+    per training run is the default (the other GPUs run parallel Tune trials); data parallelism over
+    several GPUs is an option with a communication cost (README, Training)."""
     cpus_per_worker: int = 1
     """CPUs reserved per worker."""
     gpus_per_worker: float = 0.0
@@ -387,7 +401,9 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2] = 0
     """DeepSpeed ZeRO stage."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """``auto``: bf16 on GPU, fp32 on CPU."""
+    """``bf16``: fp32 weights, gradients, gradient all-reduce and optimizer, with the forward pass under
+    DeepSpeed's ``torch_autocast`` in bfloat16 (losses in fp32); ``fp32``: no autocast; ``auto``: bf16
+    on a GPU that has it (Ampere or newer), fp32 elsewhere."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of the weights; the EMA model is evaluated."""
     seed: int = 0
@@ -397,9 +413,21 @@ class TrainConfig:
     checkpoint_mode: Literal["max", "min"] = "max"
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the run fails."""
+    optimizer_state_every: int = 1
+    """Write the optimizer state (momentum, Adam moments) into every N-th epoch's checkpoint and the
+    last one; the others carry weights, EMA and schedule only, and a resume from one of them starts
+    the optimizer state afresh (and says so). 1: every checkpoint, so every resume is exact."""
+    compile: bool = False
+    """Run the model through ``torch.compile`` (inductor): fewer, fused kernels where the eager step
+    is launch-bound (a GPU); the first steps pay the compile time."""
+    deterministic: bool = False
+    """GPU: deterministic cuDNN and cuBLAS kernels, no ``cudnn.benchmark``, deterministic scatter-adds
+    (slower). Off: cuDNN picks the fastest kernels. CPU training is deterministic either way."""
     debug_fail_at_step: int | None = None
     """DEBUG AND TESTS ONLY, never set it for a real run: fault injection, rank 0 kills its own
     process at this global step, once per run (the fault-tolerance tests use it)."""
+    debug_nan_at_step: int | None = None
+    """DEBUG AND TESTS ONLY: divergence injection, the training loss is NaN at this global step."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
@@ -427,6 +455,7 @@ class TrainConfig:
             "max_failures",
             allow_zero=True,
         )
+        _check_positive(s, self, "optimizer_state_every", "debug_fail_at_step", "debug_nan_at_step")
         if not 0.0 <= self.ema_decay < 1.0:
             _fail(f"{s}.ema_decay", f"must be in [0, 1), got {self.ema_decay!r}")
         if self.batch_size % (self.workers * self.grad_accum):
@@ -434,6 +463,32 @@ class TrainConfig:
                 f"{s}.batch_size",
                 f"must be a multiple of train.workers x train.grad_accum = "
                 f"{self.workers * self.grad_accum}, got {self.batch_size}",
+            )
+        self._check_gpu_layout()
+
+    def _check_gpu_layout(self) -> None:
+        """One GPU per worker, one worker per GPU: what NCCL and the model's placement can run."""
+        s, gpus, workers = "train", self.gpus_per_worker, self.workers
+        if gpus > 1:
+            _fail(
+                f"{s}.gpus_per_worker",
+                f"one worker drives one GPU (the model fits on one), got {gpus!r}; for several GPUs "
+                "use train.workers=N with train.gpus_per_worker=1 (data parallel)",
+            )
+        if 0 < gpus < 1 and workers > 1:
+            _fail(
+                f"{s}.gpus_per_worker",
+                f"{gpus!r} with train.workers={workers} puts several workers of one run on one GPU, "
+                "which NCCL refuses; to share a GPU between Tune trials use train.workers=1 with a "
+                "fraction, for data parallelism train.gpus_per_worker=1",
+            )
+        if gpus > 0 and workers > 1 and self.micro_batch_size < MIN_GPU_MICRO_BATCH:
+            _fail(
+                f"{s}.batch_size",
+                f"{self.batch_size} over {workers} GPU workers x grad_accum {self.grad_accum} leaves "
+                f"{self.micro_batch_size} samples per GPU; BatchNorm normalises each GPU's micro-batch "
+                f"alone and needs >= {MIN_GPU_MICRO_BATCH}: use fewer workers (one GPU per run, the "
+                "other GPUs for parallel trials) or a larger train.batch_size",
             )
 
     @property
@@ -521,10 +576,27 @@ class MetricsConfig:
 
     enabled: bool = True
     port: int = 9464
-    """Port of the node's metrics endpoint (0: pick a free port)."""
+    """Port of the host's metrics endpoint (0: pick a free port)."""
+    host: str | None = None
+    """Address the endpoint listens on. None: the node's ``CLIPLUNG_METRICS_HOST``, else
+    ``127.0.0.1`` (loopback: an embedded run exposes nothing); the k8s manifests set ``0.0.0.0``
+    so the PodMonitor can scrape each pod."""
+    linger_seconds: float = 60.0
+    """How long a finished run's series stay on the endpoint (a few scrape intervals)."""
 
     def __post_init__(self) -> None:
         _check_numbers("metrics", self, port=(0, PORT_MAX, " (a TCP port)"))
+        _check_positive("metrics", self, "linger_seconds", allow_zero=True)
+        if self.host is not None and not _is_ip_address(self.host):
+            _fail("metrics.host", f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
+
+
+def _is_ip_address(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return isinstance(value, str)
 
 
 @dataclass(kw_only=True)

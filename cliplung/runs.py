@@ -14,6 +14,7 @@ Layout of a training run::
       splits.json     patient-level train / val / test rows, written once (evaluation's leak check
                       compares the store against it)
       lease.json      who is writing the run now (host, pid, start, heartbeat); gone when idle
+      divergence.json the loop's record of a non-finite loss that stopped the run (if it did)
       checkpoint_manager_snapshot.json    Ray Train's record of the registered checkpoints
       epoch_NNNN/     one checkpoint per epoch (see cliplung.train.loop): model.pt, ema.pt, ...
 
@@ -86,6 +87,7 @@ RUN_RECORD = "run.json"
 CONFIG_FILE = "config.yaml"
 SPLITS_FILE = "splits.json"
 LEASE_FILE = "lease.json"
+DIVERGENCE_FILE = "divergence.json"
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.json"
 CHECKPOINT_PREFIX = "epoch_"
@@ -411,6 +413,14 @@ class Run:
                 )
             )
         return sorted(out, key=lambda c: (c.epoch is None, c.epoch or 0, c.location))
+
+    def checkpoint_state(self, checkpoint: CheckpointInfo) -> dict[str, Any]:
+        """A checkpoint's ``train_state.json`` (epoch, step, metrics, format)."""
+        location = storage.join(checkpoint.location, TRAIN_STATE_FILE)
+        try:
+            return json.loads(storage.read_text(location, self.endpoint))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{location}: unreadable ({exc})") from None
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
         found = self.checkpoints()

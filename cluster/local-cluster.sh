@@ -13,7 +13,11 @@
 # (GCS, raylets) still listen on all interfaces: the token is what keeps other machines out.
 #
 # Everything lives under DIR (default /tmp/cliplung-ray-$UID, or $CLIPLUNG_LOCAL_CLUSTER_DIR): the
-# token (mode 600), the chosen ports, pid files, logs, and Ray's own temp dir DIR/ray. Each node runs
+# token (mode 600), the chosen ports, pid files, logs, and Ray's own temp dir DIR/ray. DIR is created
+# private (mode 700); an existing DIR that is a symbolic link, belongs to someone else or is writable
+# by group or others is refused (exit 2), and cluster.env is read as KEY=PORT lines, never run as
+# shell code: /tmp is shared, and whoever made DIR first would control the token and the address
+# clients send it to. Each node runs
 # in its own session; `down` stops those sessions and anything else naming DIR/ray, so it never
 # touches another Ray cluster on the machine (unlike `ray stop`, which stops all of them). Keep DIR
 # short: Ray puts Unix sockets under it and socket paths are limited to about 100 characters.
@@ -36,7 +40,39 @@ while [[ $# -gt 0 ]]; do
     *) echo "local-cluster.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
-mkdir -p "$TEMP_DIR"
+die() {
+  local code=$1
+  shift
+  echo "local-cluster.sh: $*" >&2
+  exit "$code"
+}
+
+# The state folder holds the token and the ports clients trust, so it must be ours alone.
+secure_state_dir() {
+  local dir=$1 parent owner mode
+  parent=$(dirname -- "$dir")
+  mkdir -p -- "$parent"
+  # Whoever may rename entries in the parent could swap the folder for theirs (a sticky /tmp is fine).
+  owner=$(stat -L -c %u -- "$parent") mode=$(stat -L -c %a -- "$parent")
+  if [[ $owner != 0 && $owner != "$(id -u)" ]] || { ((8#$mode & 8#022)) && ! ((8#$mode & 8#1000)); }; then
+    die 2 "$parent (uid $owner, mode $mode) lets others replace $dir; choose another --temp-dir"
+  fi
+  # Not `mkdir -p`: created with its final mode in one step, and an existing name is not followed.
+  [[ -e $dir || -L $dir ]] || mkdir -m 700 -- "$dir" 2>/dev/null || [[ -d $dir ]] || die 2 "cannot create $dir"
+  [[ -L $dir ]] && die 2 "$dir is a symbolic link; refusing to use it (remove it, or pass --temp-dir DIR)"
+  [[ -d $dir ]] || die 2 "$dir exists and is not a directory"
+  owner=$(stat -c %u -- "$dir") mode=$(stat -c %a -- "$dir")
+  [[ $owner == "$(id -u)" ]] ||
+    die 2 "$dir belongs to uid $owner, not to you (uid $(id -u)); refusing to use it (pass --temp-dir DIR)"
+  if ((8#$mode & 8#022)); then
+    die 2 "$dir is writable by group or others (mode $mode), so its token and ports cannot be trusted; remove it"
+  fi
+  chmod 700 -- "$dir"
+}
+
+# A trailing slash would make the symlink test below look through the link.
+while [[ $TEMP_DIR == */ && $TEMP_DIR != / ]]; do TEMP_DIR=${TEMP_DIR%/}; done
+secure_state_dir "$TEMP_DIR"
 TEMP_DIR=$(cd "$TEMP_DIR" && pwd -P)
 RAY_TMP=$TEMP_DIR/ray
 TOKEN_FILE=$TEMP_DIR/auth_token
@@ -65,14 +101,36 @@ client_env() {
   echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
 }
 
+PORT_KEYS=(BASE_PORT GCS_PORT DASHBOARD_PORT CLIENT_PORT HEAD_NODE_PORTS WORKER_NODE_PORTS
+  HEAD_MIN_WORKER_PORT WORKER_MIN_WORKER_PORT AUTOSCALER_METRIC_PORT DASHBOARD_METRIC_PORT)
+
+# Read cluster.env as data: KEY=PORT lines with known keys only. It is never sourced.
 load_ports() {
-  [[ -f $PORTS_FILE ]] || return 1
-  # shellcheck disable=SC1090
-  source "$PORTS_FILE"
+  [[ -e $PORTS_FILE || -L $PORTS_FILE ]] || return 1
+  [[ -f $PORTS_FILE && ! -L $PORTS_FILE ]] || die 2 "$PORTS_FILE is not a regular file; run: $0 down --temp-dir $TEMP_DIR"
+  local line n=0 key value seen=" "
+  while IFS= read -r line || [[ -n $line ]]; do
+    n=$((n + 1))
+    [[ -z $line ]] && continue
+    [[ $line =~ ^([A-Z_]+)=([0-9]{1,5})$ ]] ||
+      die 2 "$PORTS_FILE line $n: expected KEY=PORT, got $(printf '%q' "$line"); run: $0 down --temp-dir $TEMP_DIR"
+    key=${BASH_REMATCH[1]} value=$((10#${BASH_REMATCH[2]}))
+    [[ " ${PORT_KEYS[*]} " == *" $key "* ]] || die 2 "$PORTS_FILE line $n: unknown key $key; run: $0 down --temp-dir $TEMP_DIR"
+    ((value >= 1 && value <= 65535)) || die 2 "$PORTS_FILE line $n: $key=$value is not a port; run: $0 down --temp-dir $TEMP_DIR"
+    printf -v "$key" '%s' "$value"
+    seen+="$key "
+  done <"$PORTS_FILE"
+  for key in "${PORT_KEYS[@]}"; do
+    [[ $seen == *" $key "* ]] || die 2 "$PORTS_FILE: $key is missing; run: $0 down --temp-dir $TEMP_DIR"
+  done
 }
 
 alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
-pid_of() { if [[ -f $TEMP_DIR/$1.pid ]]; then cat "$TEMP_DIR/$1.pid"; fi; }
+pid_of() {
+  local pid=
+  if [[ -f $TEMP_DIR/$1.pid ]]; then pid=$(<"$TEMP_DIR/$1.pid"); fi
+  if [[ $pid =~ ^[0-9]+$ ]]; then echo "$pid"; fi
+}
 
 # Does the command line of process $1 name this cluster's Ray temp dir?
 names_our_dir() {
@@ -142,7 +200,7 @@ EOF
 
 write_ports() {
   local base=$1
-  cat >"$PORTS_FILE" <<EOF
+  cat >"$PORTS_FILE.tmp" <<EOF
 BASE_PORT=$base
 GCS_PORT=$((base + OFF_GCS))
 DASHBOARD_PORT=$((base + OFF_DASHBOARD))
@@ -154,6 +212,7 @@ WORKER_MIN_WORKER_PORT=$((base + OFF_WORKER_WORKERS))
 AUTOSCALER_METRIC_PORT=$((base + OFF_AUTOSCALER_METRICS))
 DASHBOARD_METRIC_PORT=$((base + OFF_DASHBOARD_METRICS))
 EOF
+  mv -f "$PORTS_FILE.tmp" "$PORTS_FILE"
 }
 
 # ray start flags for the per-node ports, starting at $1; worker ports from $2.
@@ -167,10 +226,18 @@ node_port_flags() {
 # Start one node in its own session, detached from the caller's terminal, and record the
 # `ray start --block` pid: that process tears its node down on SIGTERM. PATH starts with the ray
 # executable's directory so that `python` in a job entry point is the Python that has Ray.
+# RAY_ADDRESS names this cluster's GCS to every process the node starts: Ray's state API in a
+# worker (Train V2's PlacementGroupCleaner asks it whether the run's controller still lives)
+# otherwise takes the cluster from the default temp dir's ray_current_cluster, which a cluster
+# with its own --temp-dir never writes; it names another or a dead cluster, and the cleaner hangs
+# ("Timed out while waiting for GCS to become available") instead of watching the run.
+# CLIPLUNG_NODE_TYPES={} declares that no autoscaler adds nodes: a run that cannot fit these two
+# nodes fails at once (cliplung/cluster.py) instead of waiting forever.
 start_node() {
   local name=$1
   shift
   PATH=$(dirname "$RAY"):$PATH RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE \
+    RAY_ADDRESS=127.0.0.1:$GCS_PORT CLIPLUNG_NODE_TYPES='{}' \
     RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=5 \
     AUTOSCALER_METRIC_PORT=$AUTOSCALER_METRIC_PORT DASHBOARD_METRIC_PORT=$DASHBOARD_METRIC_PORT \
     setsid "$RAY" start --block --node-ip-address 127.0.0.1 --temp-dir "$RAY_TMP" \
@@ -242,7 +309,7 @@ do_down() {
     fi
   fi
   mapfile -t pids < <(cluster_pids)
-  rm -f "$TEMP_DIR/head.pid" "$TEMP_DIR/worker.pid" "$PORTS_FILE" "$TOKEN_FILE"
+  rm -f "$TEMP_DIR/head.pid" "$TEMP_DIR/worker.pid" "$PORTS_FILE" "$PORTS_FILE.tmp" "$TOKEN_FILE"
   if ((${#pids[@]})); then
     echo "local-cluster.sh: processes still running after down: ${pids[*]}" >&2
     return 1
@@ -279,7 +346,6 @@ do_up() {
   fi
   do_down quiet # leftovers of a crashed run would hold ports and sockets
   mkdir -p "$RAY_TMP"
-  chmod 700 "$TEMP_DIR"
   (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$TOKEN_FILE")
 
   local attempt base

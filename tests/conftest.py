@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from pgserver import pg_server  # noqa: F401  (the suite's PostgreSQL, tests/pgserver.py)
+from s3server import s3_server  # noqa: F401  (the session's SeaweedFS S3 server fixture)
 
 TEST_AWS_ACCESS_KEY_ID = "CLIPLUNGTESTKEY7F3A"
 TEST_AWS_SECRET_ACCESS_KEY = "cliplung-test-secret-9b2c-do-not-persist"

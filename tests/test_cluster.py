@@ -46,21 +46,22 @@ def test_a_run_that_can_never_fit_a_fixed_cluster_is_refused_naming_what_to_chan
         check_placement(_config("train.workers=1", "train.cpus_per_worker=2"))
 
 
-def test_fractional_gpus_pack_onto_one_gpu(monkeypatch):
+def test_gpu_runs_fit_whole_or_fractional_gpus(monkeypatch):
     monkeypatch.setenv(NODE_TYPES_ENV, "{}")
-    _nodes(monkeypatch, {"CPU": 8.0, "GPU": 1.0})
-    check_placement(_config("train.workers=4", "train.gpus_per_worker=0.25"))
-    with pytest.raises(PlacementError):
-        check_placement(_config("train.workers=4", "train.gpus_per_worker=0.5"))
+    _nodes(monkeypatch, {"CPU": 8.0, "GPU": 2.0})
+    check_placement(_config("train.workers=1", "train.gpus_per_worker=0.25"))  # a Tune trial's share
+    check_placement(_config("train.workers=2", "train.gpus_per_worker=1", "train.batch_size=32"))
+    with pytest.raises(PlacementError, match="can hold 2"):
+        check_placement(_config("train.workers=4", "train.gpus_per_worker=1", "train.batch_size=64"))
 
 
 def test_declared_node_types_count_what_an_autoscaler_can_add(monkeypatch, capsys):
     types = {"gpu-workers": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2}}
     monkeypatch.setenv(NODE_TYPES_ENV, json.dumps(types))
     _nodes(monkeypatch, {"CPU": 0.0})  # the head offers no CPUs; no worker yet
-    check_placement(_config("train.workers=2", "train.gpus_per_worker=1"))  # scales up to 2 GPUs
+    check_placement(_config("train.workers=2", "train.gpus_per_worker=1", "train.batch_size=32"))  # 2 GPUs
     with pytest.raises(PlacementError, match="with its autoscaler at most 3 node"):
-        check_placement(_config("train.workers=4", "train.gpus_per_worker=1"))
+        check_placement(_config("train.workers=4", "train.gpus_per_worker=1", "train.batch_size=64"))
     monkeypatch.setenv(NODE_TYPES_ENV, "not json")
     with pytest.raises(Exception, match=NODE_TYPES_ENV):
         check_placement(_config())

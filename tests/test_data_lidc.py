@@ -291,7 +291,8 @@ def test_fail_raises_naming_scan_and_problem(bad_root, tmp_path, patient):
     with pytest.raises(DicomError, match=DEFECTS[patient][1]) as info:
         prepare_store(_config(root, on_error="fail"), str(out), progress=False)
     assert str(info.value).startswith(f"{_reason_name(patient)}: ")
-    assert not out.exists() and list(tmp_path.iterdir()) == [root]  # no store, no leftovers
+    # Nothing finished, so nothing to resume: no store and no leftovers.
+    assert not out.exists() and list(tmp_path.iterdir()) == [root]
 
 
 # --------------------------------------------------------------------------- patient axes

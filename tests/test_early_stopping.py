@@ -84,11 +84,19 @@ def test_config_validation():
 
 def _checkpoint(run: Path, epoch: int, record: dict | None) -> Path:
     from cliplung.model import build_model, save_inference
+    from cliplung.train.preflight import checkpoint_identity
 
     ckpt = run / f"epoch_{epoch:04d}"
     cfg = load_config("debug")
     save_inference(build_model(cfg.model, num_classes=3, patch_size=16), cfg, ckpt / "model.pt")
-    state = {"epoch": epoch, "global_step": epoch, "metrics": {"epoch": epoch, "val/macro_f1": 0.5}}
+    state = {
+        "epoch": epoch,
+        "global_step": epoch,
+        "metrics": {"epoch": epoch, "val/macro_f1": 0.5},
+        # What the loop records, so a run that did not stop passes the resume checks and resumes.
+        "optimizer_state": False,
+        **checkpoint_identity(cfg, cfg.train.workers, "fp32"),
+    }
     if record is not None:
         state[STATE_KEY] = record
     (ckpt / "train_state.json").write_text(json.dumps(state))

@@ -144,7 +144,7 @@ def test_splits_and_test_rows_follow_the_setting(tmp_path: Path, name: str):
     expected = (labels[rows] == 2).astype(int) if setting.test_task == "2class" else labels[rows]
     np.testing.assert_array_equal(y, expected)
     # The Ray datasource labels training rows with the same rule and task.
-    block = next(_read_rows(store.path, None, cfg.data.task, cfg.data.unsure_range, splits.train))
+    block = next(_read_rows(store, cfg.data.task, cfg.data.unsure_range, splits.train))
     want = labels[splits.train]
     want = (want == 2).astype(int) if setting.task == "2class" else want
     np.testing.assert_array_equal(np.asarray(block["label"]), want)

@@ -292,7 +292,7 @@ def test_store_of_another_spacing_or_window_is_refused(checkpoint, tmp_path, att
 
     path, _ = checkpoint
     store = _store_from_patches(tmp_path / "big", np.random.default_rng(0).random((2, 16, 16, 16)))
-    group = zarr.open_group(store.path, mode="r+")
+    group = zarr.open_group(store.root, mode="r+")
     group.attrs.update(attrs)
     with pytest.raises(StoreError, match=message):
         predict_store(path, store.path, str(tmp_path / "x.parquet"))

@@ -1,14 +1,16 @@
 """``cliplung tune``: the search space and its checks, bad input that fails before Ray starts, and
-(marked slow) real searches on an embedded Ray with a synthetic store: a search whose driver is
-killed after two finished trials and then resumed, its study, summary and optuna-dashboard, and an
-ASHA search that stops weak trials early."""
+(marked slow) real searches with a synthetic store: four quarter-GPU trials at once on a Ray
+cluster with one fake GPU, which is also a new user's first search (folders that do not exist
+yet, the default SQLite study) followed by the same command again, and an ASHA search that stops
+weak trials early. The search killed midway and resumed, with its study in PostgreSQL, is in
+``test_tune_postgres.py``, which shares the machinery here (:func:`kill_driver_after`,
+:func:`assert_resumed_without_rerunning`, :func:`dashboard_study`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
-import glob
 import json
 import os
 import re
@@ -28,7 +30,7 @@ from optuna.trial import TrialState
 
 from cliplung.config import ConfigError, dump_config, load_config
 from cliplung.tune.cli import parse_resources, register, tune_config
-from cliplung.tune.search import TRIAL_ID_ATTR, apply_params, search_space, tune_search
+from cliplung.tune.search import TRIAL_ID_ATTR, TUNE_DIR, apply_params, search_space, tune_search
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHED = {
@@ -74,6 +76,12 @@ def _tune_args(store_path: str, storage: str, name: str, *extra: str) -> list[st
     ]  # fmt: skip
 
 
+def own_lines(err: str) -> list[str]:
+    """What this process printed on stderr, without the lines Ray's workers of the suite's cluster
+    forward to it (``(RayTrainWorker pid=...) ...``, colour codes first)."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith(("(", "\x1b"))]
+
+
 def _run_cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     return args.func(args)
@@ -113,21 +121,21 @@ def config_from_args(args):
 
 
 def test_resources_per_trial_and_flags_become_config_fields():
-    assert parse_resources("workers=2,gpus_per_worker=0.25") == [
-        "train.workers=2",
+    assert parse_resources("workers=1,gpus_per_worker=0.25") == [
+        "train.workers=1",
         "train.gpus_per_worker=0.25",
     ]
     args = _parser().parse_args(
         [
             "tune", "--trials", "7", "--max-concurrent", "2", "--epochs", "3", "--name", "42",
             "--metric", "val/auc", "--mode", "max", "--study-db", "sqlite:////tmp/x: y.db",
-            "--resources-per-trial", "workers=2,cpus_per_worker=1,gpus_per_worker=0.25",
+            "--resources-per-trial", "workers=1,cpus_per_worker=1,gpus_per_worker=0.25",
         ]
     )  # fmt: skip
     cfg = config_from_args(args)
     assert (cfg.tune.trials, cfg.tune.max_concurrent, cfg.train.epochs) == (7, 2, 3)
     assert cfg.name == "42" and cfg.tune.metric == "val/auc" and cfg.tune.study_db == "sqlite:////tmp/x: y.db"
-    assert (cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.gpus_per_worker) == (2, 1, 0.25)
+    assert (cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.gpus_per_worker) == (1, 1, 0.25)
     for bad, message in (
         ("gpus=1", "unknown key 'gpus'"),
         ("workers", "KEY=VALUE"),
@@ -167,7 +175,7 @@ def test_resources_per_trial_and_flags_become_config_fields():
 def test_bad_input_fails_before_any_trial(store, tmp_path, extra, expected, forbid_ray):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         _run_cli(_tune_args(store.path, str(tmp_path / "runs"), "bad", *extra))
-    assert not list((tmp_path / "runs").glob("*/experiment_state-*.json"))
+    assert not list((tmp_path / "runs").glob("*/tune/experiment_state-*.json"))
 
 
 def test_unreachable_study_db_is_named_without_its_password(store, tmp_path, forbid_ray):
@@ -185,6 +193,100 @@ def test_unreachable_study_db_is_named_without_its_password(store, tmp_path, for
 def test_s3_storage_needs_an_explicit_study_db(store, forbid_ray):
     with pytest.raises(ConfigError, match=re.escape("tune.study_db: storage s3://bucket/searches is on S3")):
         _run_cli(_tune_args(store.path, "s3://bucket/searches", "x"))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["storage-is-a-file", "storage-under-a-file", "a-training-run", "bad-url", "s3-without-db",
+     "unreachable-db", "password-file-missing", "bad-resources", "nothing-to-resume"],
+)  # fmt: skip
+def test_every_early_failure_is_one_line_and_exit_2(store, tmp_path, monkeypatch, capsys, forbid_ray, case):
+    """What a user can get wrong before any trial: one line on stderr naming the problem, exit 2,
+    no traceback, and nothing written where the user pointed."""
+    from cliplung.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    storage, extra, expected = str(tmp_path / "runs"), [], None
+    if case == "storage-is-a-file":
+        storage, expected = str(afile), "cannot create the search directory"
+    elif case == "storage-under-a-file":
+        storage, expected = str(afile / "sub"), "cannot create the search directory"
+    elif case == "a-training-run":
+        (tmp_path / "runs" / "x").mkdir(parents=True)
+        (tmp_path / "runs" / "x" / "run.json").write_text('{"kind": "train", "config": {}}\n')
+        expected = "is a train run, not a search"
+    elif case == "bad-url":
+        extra, expected = ["--study-db", "postgresql+psycopg://u:pw@h:notaport/db"], "not a SQLAlchemy"
+    elif case == "s3-without-db":
+        storage, expected = "s3://bucket/searches", "OPTUNA_STORAGE"
+        monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    elif case == "unreachable-db":
+        extra, expected = ["--study-db", "postgresql+psycopg://u@127.0.0.1:9/db"], "127.0.0.1"
+    elif case == "password-file-missing":
+        monkeypatch.setenv("CLIPLUNG_STUDY_DB_PASSWORD_FILE", str(tmp_path / "nope"))
+        extra = ["--study-db", "postgresql+psycopg://u@127.0.0.1:9/db"]
+        expected = (
+            f"CLIPLUNG_STUDY_DB_PASSWORD_FILE: cannot read the study database password from {tmp_path}/nope"
+        )
+    elif case == "bad-resources":
+        extra, expected = ["--resources-per-trial", "gpus=1"], "unknown key 'gpus'"
+    elif case == "nothing-to-resume":
+        extra, expected = ["--resume"], "nothing to resume"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(_tune_args(store.path, storage, "x", *extra)) == 2
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("cliplung tune: error: "), err
+    assert expected in err[0] and "Traceback" not in err[0] and ":pw@" not in err[0]
+    assert afile.read_text() == "keep me\n"
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before or case == "unreachable-db"  # the empty search folder the study needs
+
+
+def test_study_db_comes_from_the_flag_or_optuna_storage_and_its_password_from_a_file(tmp_path, monkeypatch):
+    """Whatever the source, the search records the URL without its password (``public``); only
+    the in-memory ``url`` has it. A relative SQLite path is made absolute."""
+    from cliplung.tune.study import PASSWORD_FILE_ENV, STORAGE_ENV, StudySearcher, connect_url, study_db
+
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.delenv(PASSWORD_FILE_ENV, raising=False)
+    base = load_config("debug", [f"storage.path={tmp_path}/runs", "name=s"])
+    assert study_db(base).public == f"sqlite:///{tmp_path}/runs/s/optuna.db" and study_db(base).is_default
+    monkeypatch.chdir(tmp_path)
+    assert (
+        study_db(load_config("debug", ["tune.study_db=sqlite:///rel.db"])).url
+        == f"sqlite:///{tmp_path}/rel.db"
+    )
+
+    in_flag = study_db(load_config("debug", ["tune.study_db=postgresql+psycopg://u:fl%40g@db:5432/o"]))
+    assert (in_flag.url, in_flag.public, in_flag.source) == (
+        "postgresql+psycopg://u:fl%40g@db:5432/o", "postgresql+psycopg://u@db:5432/o", "tune.study_db",
+    )  # fmt: skip
+    assert "fl%40g" not in repr(in_flag)
+    monkeypatch.setenv(STORAGE_ENV, "postgresql+psycopg://u@db:5432/o")
+    (tmp_path / "pw").write_text("from-file\n")
+    monkeypatch.setenv(PASSWORD_FILE_ENV, str(tmp_path / "pw"))
+    from_env = study_db(base)
+    assert from_env.source == STORAGE_ENV and from_env.url == "postgresql+psycopg://u:from-file@db:5432/o"
+    assert from_env.public == in_flag.public  # the same search, whichever way the password came
+    # The searcher Tune pickles holds the public URL; this driver finds the password again.
+    searcher = StudySearcher(
+        {}, metric="val/macro_f1", mode="max", study_name="s", study_url=from_env.url, seed=0, max_epochs=1
+    )
+    import pickle
+
+    restored = pickle.loads(pickle.dumps(searcher))
+    assert restored.study_url == from_env.public and b"from-file" not in pickle.dumps(searcher)
+    assert connect_url(restored.study_url) == from_env.url
+
+
+def test_a_password_on_the_command_line_gets_a_note(store, tmp_path, capsys, forbid_ray):
+    from cliplung.cli import main
+
+    url = "postgresql+psycopg://u:hunter2@127.0.0.1:9/db"
+    assert main(_tune_args(store.path, str(tmp_path / "runs"), "x", "--study-db", url)) == 2
+    err = capsys.readouterr().err
+    assert "password is visible to `ps`" in err and "hunter2" not in err
 
 
 def test_searcher_tags_trials_steps_by_epoch_and_prunes_early_stops(tmp_path):
@@ -267,7 +369,7 @@ def _free_port() -> int:
 def _tune_statuses(run_dir: Path) -> dict[str, str]:
     """Trial id -> status from Tune's saved experiment state (what a resume starts from)."""
     statuses: dict[str, str] = {}
-    for path in sorted(run_dir.glob("experiment_state-*.json")):
+    for path in sorted((run_dir / TUNE_DIR).glob("experiment_state-*.json")):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):  # being rewritten
@@ -296,126 +398,75 @@ sys.exit(_run_cli(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def interrupted_search(ray_cluster, store, tmp_path_factory):
-    """A 4-trial x 2-epoch search (two trials at a time, ASHA off) whose driver, a separate process
-    on the same Ray cluster, is SIGKILLed once Tune's saved state holds two finished trials (the
-    next ones are running or pending by then); then resumed from this process."""
-    runs = tmp_path_factory.mktemp("tune") / "runs"
-    run_dir = runs / "search"
-    argv = _tune_args(
-        store.path, str(runs), "search", "--trials", "4", "--max-concurrent", "2",
-        "--set", "tune.asha=false", "--address", ray_cluster,
-    )  # fmt: skip
-    log = (runs.parent / "driver.log").open("w")
+def kill_driver_after(argv: list[str], run_dir: Path, finished: int, *, env: dict | None = None) -> dict:
+    """Run ``cliplung tune argv`` as a separate driver process (on the cluster its ``--address``
+    names) and SIGKILL it once Tune's saved state holds ``finished`` finished trials whose
+    ``result.json`` in the search directory has their last epoch (the next trials are running or
+    pending by then). Returns each finished trial's ``result.json`` bytes."""
+    log_path = run_dir.parent.parent / f"driver-{run_dir.name}.log"
+    log = log_path.open("w")
     driver = subprocess.Popen(
         [sys.executable, "-c", _DRIVER.format(tests=str(REPO / "tests")), *argv],
-        cwd=runs.parent,
+        cwd=run_dir.parent.parent,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
+    epochs = int(argv[argv.index("--epochs") + 1])
+
+    def reported_all(trial_id: str) -> bool:
+        # Tune syncs a trial's result.json to the search directory after the state says TERMINATED.
+        try:
+            last = (run_dir / TUNE_DIR / trial_id / "result.json").read_text().strip().splitlines()[-1]
+            return json.loads(last).get("epochs_done", 0) >= epochs
+        except (OSError, IndexError, ValueError):
+            return False
+
     deadline = time.monotonic() + 420
     try:
         while time.monotonic() < deadline:
-            finished = [t for t, s in _tune_statuses(run_dir).items() if s == "TERMINATED"]
-            if len(finished) >= 2 or driver.poll() is not None:
+            done = [t for t, s in _tune_statuses(run_dir).items() if s == "TERMINATED" and reported_all(t)]
+            if len(done) >= finished or driver.poll() is not None:
                 break
             time.sleep(0.5)
-        assert driver.poll() is None, (
-            f"driver ended early:\n{(runs.parent / 'driver.log').read_text()[-3000:]}"
-        )
-        assert len(finished) >= 2, "no two trials finished in time"
-        before = {t: (run_dir / t / "result.json").read_bytes() for t in finished}
+        assert driver.poll() is None, f"driver ended early:\n{log_path.read_text()[-3000:]}"
+        assert len(done) >= finished, f"no {finished} trials finished in time"
+        return {t: (run_dir / TUNE_DIR / t / "result.json").read_bytes() for t in done}
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
         log.close()
-    study_url = f"sqlite:///{run_dir}/optuna.db"
-    told_before = {
-        t.user_attrs[TRIAL_ID_ATTR]: t.value
-        for t in optuna.load_study(study_name="search", storage=study_url).get_trials(
-            states=(TrialState.COMPLETE,)
-        )
-    }
-    config = config_from_args(_parser().parse_args(argv))
-    summary = tune_search(config, resume=True, address=ray_cluster)
-    return {
-        "run_dir": run_dir,
-        "study_url": study_url,
-        "summary": summary,
-        "finished_before_kill": before,
-        "told_before_kill": told_before,
-        "config": config,
-    }
 
 
-@pytest.mark.slow
-def test_killed_search_resumes_without_rerunning_finished_trials(interrupted_search):
-    s = interrupted_search
-    rows = {r["trial_id"]: r for r in s["summary"].trials}
-    assert len(rows) == 4, rows.keys()
+def assert_resumed_without_rerunning(summary, run_dir: Path, before: dict, told: dict, trials: int) -> None:
+    """A resumed search ends with ``trials`` complete trials; the ones finished before the kill
+    kept their logs (Tune appends one line per report: a re-run would grow it), checkpoints and
+    the values Optuna was told."""
+    rows = {r["trial_id"]: r for r in summary.trials}
+    assert len(rows) == trials, rows.keys()
     assert all(r["state"] == "COMPLETE" and r["epochs_done"] == 2 for r in rows.values()), rows
-    for trial_id, result_log in s["finished_before_kill"].items():
+    for trial_id, result_log in before.items():
         assert trial_id in rows
-        # Tune appends one line per report: a re-run trial would have grown its log.
-        assert (s["run_dir"] / trial_id / "result.json").read_bytes() == result_log
+        assert (run_dir / TUNE_DIR / trial_id / "result.json").read_bytes() == result_log
         last = json.loads(result_log.decode().strip().splitlines()[-1])
         assert rows[trial_id]["val/macro_f1"] == pytest.approx(last["val/macro_f1"])
-        assert len(list((s["run_dir"] / "runs" / trial_id).glob("epoch_*"))) == 2
-    for trial_id, value in s["told_before_kill"].items():
+        assert len(list((run_dir / "runs" / trial_id).glob("epoch_*"))) == 2
+    for trial_id, value in told.items():
         assert rows[trial_id]["val/macro_f1"] == pytest.approx(value)
 
 
-@pytest.mark.slow
-def test_search_leaves_study_best_config_table_plots_and_tensorboard_logs(interrupted_search):
-    s, summary = interrupted_search, interrupted_search["summary"]
-    run_dir = s["run_dir"]
-    study = optuna.load_study(study_name="search", storage=s["study_url"])
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 4
-    assert {t.user_attrs[TRIAL_ID_ATTR] for t in complete} == {r["trial_id"] for r in summary.trials}
-    space = s["config"].tune.space
-    for t in complete:
-        assert set(t.params) == SEARCHED
-        assert t.params["model.n_ctx"] in space.n_ctx
-        assert space.lr[0] <= t.params["train.lr"] <= space.lr[1]
-        assert space.lambda_ia[0] <= t.params["model.lambda_ia"] <= space.lambda_ia[1]
-    assert len({t.params["train.lr"] for t in complete}) == 4
-
-    table = _read_csv(run_dir / "trials.csv")
-    assert len(table) == 4 and set(table[0]) >= SEARCHED and "val/macro_f1" in table[0]
-
-    best = load_config(str(run_dir / "best.yaml"))
-    assert best.name == "search-best" and best.model.n_ctx == study.best_trial.params["model.n_ctx"]
-    assert best.train.lr == pytest.approx(study.best_trial.params["train.lr"])
-    assert best.data.store == s["config"].data.store and best.train.epochs == 2
-    # What `cliplung train --config best.yaml` parses: the same config, validated again.
-    assert load_config(str(run_dir / "best.yaml"), ["train.epochs=2"]) == best
-    assert summary.best["trial_id"] == study.best_trial.user_attrs[TRIAL_ID_ATTR]
-
-    for name in ("optimization_history.png", "param_importances.png"):
-        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    for trial_id in (r["trial_id"] for r in summary.trials):
-        assert glob.glob(str(run_dir / trial_id / "events.out.tfevents.*")), (
-            f"no TensorBoard log for {trial_id}"
-        )
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
-@pytest.mark.slow
-def test_optuna_dashboard_serves_the_study(interrupted_search):
+def dashboard_study(study_url: str, name: str, env: dict | None = None) -> dict:
+    """Start ``optuna-dashboard`` on ``study_url`` and return its JSON view of study ``name``
+    (``/api/studies/<id>``); stopped by pid."""
     exe = Path(sys.executable).with_name("optuna-dashboard")
     for _attempt in range(3):
         port = _free_port()
         dashboard = subprocess.Popen(
-            [str(exe), interrupted_search["study_url"], "--host", "127.0.0.1", "--port", str(port)],
+            [str(exe), study_url, "--host", "127.0.0.1", "--port", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         try:
             studies = None
@@ -429,12 +480,8 @@ def test_optuna_dashboard_serves_the_study(interrupted_search):
             if studies is None and dashboard.poll() is not None:
                 continue  # lost the port to someone else: try another one
             assert studies is not None, "optuna-dashboard did not answer"
-            (entry,) = [st for st in studies if st["study_name"] == "search"]
-            detail = _get_json(f"http://127.0.0.1:{port}/api/studies/{entry['study_id']}")
-            complete = [t for t in detail["trials"] if t["state"] == "Complete"]
-            assert len(complete) == 4
-            assert {p["name"] for p in complete[0]["params"]} == SEARCHED
-            return
+            (entry,) = [st for st in studies if st["study_name"] == name]
+            return _get_json(f"http://127.0.0.1:{port}/api/studies/{entry['study_id']}")
         finally:
             dashboard.terminate()
             try:
@@ -442,6 +489,178 @@ def test_optuna_dashboard_serves_the_study(interrupted_search):
             except subprocess.TimeoutExpired:
                 dashboard.kill()
     pytest.fail("optuna-dashboard could not bind a free port in 3 attempts")
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+FAKE_GPU_SITECUSTOMIZE = """
+# Test-only, for Ray processes on a cluster whose GPUs are fake (--num-gpus on a host without CUDA):
+# a Train worker that holds a GPU share joins a gloo process group instead of nccl and trains on
+# the CPU. Ray's resource accounting and placement, and everything cliplung does, stay as they are.
+
+import importlib.abc
+import importlib.util
+import sys
+
+
+def _torch_config(module):
+    real = module._setup_torch_process_group
+
+    def _setup_torch_process_group(backend, *args, **kwargs):
+        return real("gloo", *args, **kwargs)
+
+    _setup_torch_process_group.__module__ = module.__name__
+    module._setup_torch_process_group = _setup_torch_process_group
+
+
+def _cuda_devices(module):
+    import torch
+
+    cls = module.CUDATorchDeviceManager
+    real = cls.get_devices
+
+    def get_devices(self):
+        return real(self) if torch.cuda.is_available() else [torch.device("cpu")]
+
+    cls.get_devices = get_devices
+
+
+_PATCHES = {
+    "ray.train.torch.config": _torch_config,
+    "ray.air._internal.device_manager.nvidia_gpu": _cuda_devices,
+}
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name not in _PATCHES:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            _PATCHES[name](module)
+
+        spec.loader.exec_module = patched
+        return spec
+
+
+sys.meta_path.insert(0, _Finder())
+"""
+"""Put on the fake-GPU cluster's PYTHONPATH as ``sitecustomize.py``: the only thing this test
+substitutes, because the GPUs it counts do not exist (no CUDA on this machine, none lent)."""
+
+_GPU_DRIVER = """
+import json, sys, threading, time
+sys.path.insert(0, {tests!r})
+import ray
+from test_tune import _run_cli
+low = []
+def watch():
+    while True:
+        if ray.is_initialized():
+            try:
+                low.append(ray.available_resources().get("GPU", 0.0))
+            except Exception:
+                pass
+        time.sleep(0.25)
+threading.Thread(target=watch, daemon=True).start()
+code = _run_cli(sys.argv[2:])
+json.dump({{"least_free_gpu": min(low) if low else None}}, open(sys.argv[1], "w"))
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def fake_gpu_cluster(tmp_path_factory):
+    """``ray start --head --block`` with 5 CPUs and one fake GPU (its own temp dir, port and token);
+    stopped by its process group. Yields (address, environment for its drivers)."""
+    import secrets
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="/tmp/rayg-")
+    (Path(temp) / "hook").mkdir()
+    (Path(temp) / "hook" / "sitecustomize.py").write_text(FAKE_GPU_SITECUSTOMIZE)
+    token = Path(temp) / "token"
+    token.write_text(secrets.token_hex(32))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ADDRESS=f"127.0.0.1:{port}",
+        PYTHONPATH=os.pathsep.join([str(Path(temp) / "hook"), str(REPO)]),
+    )  # fmt: skip
+    start_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=5", "--num-gpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=start_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, "the fake-GPU Ray cluster did not start"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_quarter_gpu_trials_run_four_at_once_on_one_gpu(fake_gpu_cluster, store, tmp_path):
+    """``--resources-per-trial workers=1,gpus_per_worker=0.25``: four trials' Train workers hold a
+    quarter of the one GPU each, all at the same time. The cluster's GPU is fake (Ray counts it;
+    there is no CUDA), so the workers train on the CPU over gloo (see FAKE_GPU_SITECUSTOMIZE);
+    the search, Tune, the trials' placement and Ray's accounting are the real ones."""
+    address, env = fake_gpu_cluster
+    runs = tmp_path / "new" / "deeper" / "runs"  # what a new user types: nothing exists yet
+    argv = _tune_args(
+        store.path, str(runs), "gpu", "--trials", "4", "--max-concurrent", "4", "--epochs", "1",
+        "--resources-per-trial", "workers=1,gpus_per_worker=0.25", "--set", "tune.asha=false",
+        "--address", address,
+    )  # fmt: skip
+    watch = tmp_path / "watch.json"
+
+    def run_driver() -> None:
+        driver = subprocess.run(
+            [sys.executable, "-c", _GPU_DRIVER.format(tests=str(REPO / "tests")), str(watch), *argv],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+
+    run_driver()
+    run_dir = runs / "gpu"
+    rows = _read_csv(run_dir / "trials.csv")
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 4
+    logs = {r["trial_id"]: (run_dir / TUNE_DIR / r["trial_id"] / "result.json").read_bytes() for r in rows}
+    spans = []
+    for text in logs.values():
+        last = json.loads(text.decode().splitlines()[-1])
+        spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
+    assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # all four ran at once
+    assert json.loads(watch.read_text())["least_free_gpu"] == pytest.approx(0.0)  # 4 x 0.25 held
+    assert (run_dir / "optuna.db").exists() and not (run_dir / "lease.json").exists()
+    # The same command again (a RayJob's retry) continues the finished search: nothing reruns.
+    run_driver()
+    assert {t: (run_dir / TUNE_DIR / t / "result.json").read_bytes() for t in logs} == logs
+    assert [r["state"] for r in _read_csv(run_dir / "trials.csv")] == ["COMPLETE"] * 4
 
 
 @pytest.fixture

@@ -119,9 +119,15 @@ def _gpu_peak(device: torch.device) -> tuple[float, float] | None:
 
 
 def bench_model(
-    preset: str = "debug", batch: int = 8, device: str = "cpu", steps: int = 5, as_json: bool = False
+    preset: str = "debug",
+    batch: int = 8,
+    device: str = "cpu",
+    steps: int = 5,
+    as_json: bool = False,
+    quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run the model benchmark, print a report (or one JSON line) and return the numbers."""
+    """Run the model benchmark, print a report (or one JSON line; nothing if ``quiet``) and return the
+    numbers."""
     if batch < 1 or steps < 1:
         raise ValueError(f"bench model: --batch and --steps must be >= 1, got {batch} and {steps}")
     dev = torch.device(device)
@@ -226,6 +232,8 @@ def bench_model(
     result["params_ce"] = count(ce)
 
     result["cpu_pressure_end"] = _cpu_pressure()
+    if quiet:
+        return result
     if as_json:
         print(json.dumps(result))
     else:

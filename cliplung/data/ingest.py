@@ -133,26 +133,30 @@ class NoduleDatasource(Datasource):
     """A Ray Data datasource yielding one row per nodule for the given store rows.
 
     Rows carry ``patches`` (float32, D x H x W), ``label`` (int64: the rule of ``unsure_range``
-    on the stored mean malignancy, remapped for the 2-class task), ``attributes`` (float32, 8 mean reader ratings) and ``index`` (the store row).
-    Each read task opens the store itself (cheap: zarr metadata only) and reads one contiguous
-    row range, i.e. a few whole shards.
+    on the stored mean malignancy, remapped for the 2-class task), ``attributes`` (float32, 8 mean
+    reader ratings) and ``index`` (the store row).
+    ``store`` is an open :class:`NoduleStore` or a path (opened here, on the driver): every read
+    task reads that store's version, even if the store is replaced while the dataset is read, and
+    each task reads one contiguous row range, i.e. a few whole shards. Store reads retry transient
+    object-store errors with bounded backoff (see :mod:`cliplung.data.store`), so a short outage
+    costs a few seconds of waiting rather than a failed task (and with it the training run's
+    worker group).
     """
 
     def __init__(
         self,
-        path: str,
+        store: NoduleStore | str,
         indices: np.ndarray,
         *,
-        endpoint: str | None,
+        endpoint: str | None = None,
         task: str,
         unsure_range: tuple[float, float] = DEFAULT_UNSURE_RANGE,
         rows_per_task: int = 256,
     ) -> None:
         super().__init__()
+        self._store = store if isinstance(store, NoduleStore) else NoduleStore.open(store, endpoint=endpoint)
         self._unsure_range = tuple(unsure_range)
-        self._path = path
         self._indices = np.asarray(indices, dtype=np.int64)
-        self._endpoint = endpoint
         self._task = task
         self._rows_per_task = rows_per_task
 
@@ -168,9 +172,7 @@ class NoduleDatasource(Datasource):
         per_task = max(1, min(self._rows_per_task, -(-len(self._indices) // max(1, parallelism))))
         return [
             ReadTask(
-                functools.partial(
-                    _read_rows, self._path, self._endpoint, self._task, self._unsure_range, piece
-                ),
+                functools.partial(_read_rows, self._store, self._task, self._unsure_range, piece),
                 BlockMetadata(num_rows=len(piece), size_bytes=None, input_files=None, exec_stats=None),
                 per_task_row_limit=per_task_row_limit,
             )
@@ -178,8 +180,8 @@ class NoduleDatasource(Datasource):
         ]
 
 
-def _read_rows(path: str, endpoint: str | None, task: str, unsure_range, piece: np.ndarray):
-    store = NoduleStore.open(path, endpoint=endpoint)
+def _read_rows(store: NoduleStore, task: str, unsure_range, piece: np.ndarray):
+    # ``store`` arrives pickled: pinned to the driver's version, opened lazily in this task.
     rows = store.read_rows(int(piece[0]), int(piece[-1]) + 1, fields=ROW_FIELDS)
     local = piece - piece[0]
     label = task_labels(store_labels(rows, unsure_range)[local], task)
@@ -225,11 +227,7 @@ def build_datasets(config: Config, store: NoduleStore, splits: Splits) -> dict[s
     return {
         name: ray.data.read_datasource(
             NoduleDatasource(
-                store.path,
-                getattr(splits, name),
-                endpoint=config.storage.endpoint,
-                task=config.data.task,
-                unsure_range=config.data.unsure_range,
+                store, getattr(splits, name), task=config.data.task, unsure_range=config.data.unsure_range
             ),
             num_cpus=0,
             concurrency=READ_CONCURRENCY,

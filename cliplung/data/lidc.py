@@ -356,7 +356,9 @@ def lidc_scan_rows(work: LidcWork, config: PrepareConfig) -> ScanResult:
     """Patches of every nodule of one scan (or the reason the scan could not be used).
 
     Raises nothing for bad input: errors come back in ``ScanResult.error`` so the caller decides
-    between skipping and failing (``prepare.on_error``).
+    between skipping and failing (``prepare.on_error``). That includes errors the DICOM reader does
+    not anticipate (a header value of the wrong type, an image too large for memory): they name the
+    scan and its folder instead of stopping the whole build.
     """
     import time
 
@@ -376,6 +378,7 @@ def lidc_scan_rows(work: LidcWork, config: PrepareConfig) -> ScanResult:
         return result  # nothing to cut: skip reading (and checking) the series
     try:
         volume = read_lidc_volume(scan, work.patient_dir)
+        _check_finite(volume, name)
         rows, shape = [], volume.shape
         for record, _ in nodules:
             i, j, k = record.centroid_ijk
@@ -396,5 +399,22 @@ def lidc_scan_rows(work: LidcWork, config: PrepareConfig) -> ScanResult:
         result.rows = rows
     except DicomError as exc:
         result.error = str(exc)
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:300]
+        result.error = (
+            f"{name}: reading the series in {work.patient_dir} failed: {type(exc).__name__}: {text}"
+        )
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_finite(volume: CTVolume, name: str) -> None:
+    """Refuse a volume with NaN or infinite HU (e.g. a non-finite RescaleSlope), naming the file of
+    the first such slice: every patch cut from it would carry them."""
+    finite = np.isfinite(volume.hu).reshape(len(volume.hu), -1).all(axis=1)
+    if not finite.all():
+        k = int(np.flatnonzero(~finite)[0])
+        where = f"file {volume.files[k]}" if k < len(volume.files) else f"slice {k}"
+        raise DicomError(
+            f"{name}: {where}: non-finite voxel values (NaN or inf HU; check RescaleSlope / RescaleIntercept)"
+        )

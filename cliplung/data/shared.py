@@ -57,11 +57,7 @@ class SharedSplitData:
                 block
                 for start in range(0, len(rows), BLOCK_ROWS)
                 for block in _read_rows(
-                    store.path,
-                    config.storage.endpoint,
-                    config.data.task,
-                    config.data.unsure_range,
-                    rows[start : start + BLOCK_ROWS],
+                    store, config.data.task, config.data.unsure_range, rows[start : start + BLOCK_ROWS]
                 )
             ]
             self.datasets[name] = ray.data.from_arrow(blocks)

@@ -29,6 +29,7 @@ __all__ = [
     "RATING_PROMPTS",
     "RATING_RANGES",
     "attribute_prompt",
+    "rating_bounds",
     "rating_levels",
     "scale_ratings",
 ]
@@ -128,32 +129,43 @@ def attribute_prompt(attribute: str) -> str:
     return f"the nodule is {ATTRIBUTE_PHRASES[attribute]}."
 
 
-def _bounds(ratings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = torch.tensor([RATING_RANGES[a][0] for a in ATTRIBUTES], dtype=ratings.dtype, device=ratings.device)
-    hi = torch.tensor([RATING_RANGES[a][1] for a in ATTRIBUTES], dtype=ratings.dtype, device=ratings.device)
-    return lo, hi
+def rating_bounds() -> torch.Tensor:
+    """``(2, 8)`` float32: the lowest and highest rating of each attribute (:data:`RATING_RANGES`).
+
+    A model keeps it as a buffer (:class:`~cliplung.model.CLIPLung` ``rating_bounds``), so it lives on
+    the model's device: building it from Python numbers inside a GPU step would be a blocking
+    host-to-device copy every call."""
+    return torch.tensor([[RATING_RANGES[a][i] for a in ATTRIBUTES] for i in (0, 1)], dtype=torch.float32)
 
 
-def scale_ratings(ratings: torch.Tensor) -> torch.Tensor:
+def _bounds(ratings: torch.Tensor, bounds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if bounds is None:
+        bounds = rating_bounds()
+    bounds = bounds.to(device=ratings.device, dtype=ratings.dtype)
+    return bounds[0], bounds[1]
+
+
+def scale_ratings(ratings: torch.Tensor, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """Mean reader ratings ``(B, 8)`` → ``[0, 1]``, each attribute by its own LIDC range.
 
     ``r̃_k = (clip(r_k, lo_k, hi_k) − lo_k) / (hi_k − lo_k)``; a missing rating (NaN) counts as the
     low end (``r̃ = 0``). This is the one place the rating ranges enter the model: the attribute
-    weights of the contrastive losses are ``w = softmax(r̃)``.
+    weights of the contrastive losses are ``w = softmax(r̃)``. ``bounds``: :func:`rating_bounds`,
+    ideally already on the ratings' device.
     """
     if ratings.shape[-1] != len(ATTRIBUTES):
         raise ValueError(
             f"attributes: expected (..., {len(ATTRIBUTES)}) mean ratings, got {tuple(ratings.shape)}"
         )
     ratings = ratings if ratings.dtype == torch.float64 else ratings.float()
-    lo, hi = _bounds(ratings)
+    lo, hi = _bounds(ratings, bounds)
     ratings = torch.where(torch.isnan(ratings), lo, ratings)
     return (torch.minimum(torch.maximum(ratings, lo), hi) - lo) / (hi - lo)
 
 
-def rating_levels(ratings: torch.Tensor) -> torch.Tensor:
+def rating_levels(ratings: torch.Tensor, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """Index into :data:`RATING_PROMPTS` of each mean rating: ``round(clip(r)) − low`` (long)."""
     ratings = ratings if ratings.dtype == torch.float64 else ratings.float()
-    lo, hi = _bounds(ratings)
+    lo, hi = _bounds(ratings, bounds)
     ratings = torch.where(torch.isnan(ratings), lo, ratings)
     return (torch.round(torch.minimum(torch.maximum(ratings, lo), hi)) - lo).long()

@@ -21,6 +21,13 @@ Losses (every cross-entropy ``CE`` averaged over its rows)::
                             + CE( s·⟨v_bj, d_i⟩ over b , i ) ]              description → image
     loss = λ_CE·CE + λ_IC·IC + λ_CA·CA + λ_IA·IA
 
+Several workers (``model.ia_negatives: global``): IA is the only term that couples samples. Each
+worker gathers every worker's ``v`` and ``d`` (an all-gather whose backward sums each chunk's
+gradients back to its owner) and scores its own rows against all of them, so ``b`` runs over the
+whole global micro-batch; the mean of the workers' losses (what data parallelism optimises) is then
+the one-worker loss at that batch, whatever the worker count. CE, IC and CA are per-sample means
+and need nothing.
+
 Defects of the published code fixed here:
 
 * IC: its targets were the first ``n`` labels of the *batch* (``label[j]`` for token ``j``), not the
@@ -41,6 +48,10 @@ tower), ``coop``, ``cocoop``, ``cliplung`` (the three prompt learners, same loss
 
 Inference costs no text: :meth:`CLIPLung.predict` runs the image encoder and head only.
 
+GPU notes: the training forward reads nothing back to the host and copies nothing from it (its
+constants, prompt token ids and rating bounds, are buffers on the model's device), so a step queues
+its kernels without waiting; ``tests/test_gpu_paths.py`` checks that on a fake CUDA device.
+
 DeepSpeed notes: forward mutates no Python state; prompt token ids are buffers; every parameter that
 requires a gradient takes part in every training forward (all loss parts are computed even when
 their λ is 0). Parameters that never require a gradient: the text tower's token-embedding table
@@ -50,12 +61,15 @@ their λ is 0). Parameters that never require a gradient: the text tower's token
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from cliplung.config import CLASS_NAMES_2, CLASS_NAMES_3, ModelConfig
-from cliplung.model.attributes import rating_levels, scale_ratings
+from cliplung.model.attributes import rating_bounds, rating_levels, scale_ratings
 from cliplung.model.image_encoder import GroupTokens, NoduleClassifier, build_image_encoder
 from cliplung.model.prompts import PromptLearner
 from cliplung.model.text_encoder import TextEncoder
@@ -75,6 +89,13 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off for the losses' own fp32 maths (a no-op context on devices without autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def class_names_for(num_classes: int) -> tuple[str, ...]:
     """3 → benign / unsure / malignant; 2 → benign / malignant."""
     if num_classes == 3:
@@ -84,12 +105,44 @@ def class_names_for(num_classes: int) -> tuple[str, ...]:
     raise ValueError(f"num_classes must be 2 or 3, got {num_classes}")
 
 
-def attribute_weights(attributes: torch.Tensor, attribute_prompts: str = "name") -> torch.Tensor:
+def attribute_weights(
+    attributes: torch.Tensor, attribute_prompts: str = "name", bounds: torch.Tensor | None = None
+) -> torch.Tensor:
     """``w = softmax(r̃)`` over the 8 attributes (``name`` prompts) or uniform ``1/8`` (``rating``)."""
-    scaled = scale_ratings(attributes)
+    scaled = scale_ratings(attributes, bounds)
     if attribute_prompts == "rating":
         return torch.full_like(scaled, 1.0 / scaled.shape[-1])
     return scaled.softmax(dim=-1)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All workers' ``(b, ...)`` tensors concatenated along dim 0, with gradients back to their owners:
+    the backward sums every worker's gradient of each chunk (every worker's loss uses every chunk)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            own = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(own, grad)
+            return own
+        dist.all_reduce(grad)  # gloo has no reduce-scatter of a tensor: reduce all, keep this rank's rows
+        return grad.chunk(world)[rank].contiguous()
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def contrastive_losses(
@@ -99,11 +152,15 @@ def contrastive_losses(
     weights: torch.Tensor,
     labels: torch.Tensor,
     logit_scale: torch.Tensor,
+    *,
+    global_negatives: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IC, CA, IA of the module docstring.
 
     ``tokens (B, n, E)``, ``class_features (B, C, E)``, ``attr_features (B, K, E)`` (all normalised),
     ``weights (B, K)``, ``labels (B,)``, ``logit_scale`` a scalar (``s = exp(logit_scale)``).
+    ``global_negatives``: in a process group of several workers (equal ``B`` on each), IA scores this
+    worker's rows against every worker's tokens and descriptions (module docstring).
     """
     b, n, _ = tokens.shape
     k = attr_features.shape[1]
@@ -113,11 +170,19 @@ def contrastive_losses(
     ca_logits = (s / k) * torch.einsum("bce,bke,bk->bc", class_features, attr_features, weights)
     ca = F.cross_entropy(ca_logits, labels)
     descriptions = F.normalize(torch.einsum("bk,bke->be", weights, attr_features), dim=-1)
-    ia_logits = s * torch.einsum("bje,de->jbd", tokens, descriptions)  # (n, image, description)
-    target = torch.arange(b, device=tokens.device).repeat(n)
+    all_tokens, all_descriptions, first = tokens, descriptions, 0
+    rank, world = _world()
+    if global_negatives and world > 1:
+        all_tokens = _GatherWithGrad.apply(tokens)
+        all_descriptions = _GatherWithGrad.apply(descriptions)
+        first = rank * b
+    # (n, this worker's image, any description) and (n, this worker's description, any image)
+    image_to_text = s * torch.einsum("bje,de->jbd", tokens, all_descriptions)
+    text_to_image = s * torch.einsum("be,dje->jbd", descriptions, all_tokens)
+    target = (torch.arange(b, device=tokens.device) + first).repeat(n)
     ia = 0.5 * (
-        F.cross_entropy(ia_logits.reshape(n * b, b), target)
-        + F.cross_entropy(ia_logits.transpose(1, 2).reshape(n * b, b), target)
+        F.cross_entropy(image_to_text.reshape(n * b, -1), target)
+        + F.cross_entropy(text_to_image.reshape(n * b, -1), target)
     )
     return ic, ca, ia
 
@@ -168,6 +233,7 @@ class CLIPLung(nn.Module):
             )
             # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim bf16 tensor as bytes.
             self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init)))
+            self.register_buffer("rating_bounds", rating_bounds(), persistent=False)
 
     # ------------------------------------------------------------------ inference
 
@@ -194,7 +260,7 @@ class CLIPLung(nn.Module):
         k, r, c = prompts.attr_ids.shape[0], prompts.n_levels, prompts.num_classes
         device = tokens.device
         if prompts.attribute_prompts == "rating":
-            levels = rating_levels(attributes).to(device)
+            levels = rating_levels(attributes, self.rating_bounds)
         else:
             levels = torch.zeros(b, k, dtype=torch.long, device=device)
         attr_index = c + torch.arange(k, device=device) * r + levels  # (B, K) prompt indices
@@ -228,8 +294,8 @@ class CLIPLung(nn.Module):
                 raise ValueError(f"model.method={self.method!r}: forward needs attributes (B, 8) with labels")
             tokens = self.image_tokens(fmap)
             class_features, attr_features = self.encode_prompts(tokens, attributes)
-            weights = attribute_weights(attributes.to(tokens.device), cfg.attribute_prompts)
-            with torch.autocast(device_type=tokens.device.type, enabled=False):
+            weights = attribute_weights(attributes, cfg.attribute_prompts, self.rating_bounds)
+            with _no_autocast(tokens.device):
                 ic, ca, ia = contrastive_losses(
                     _at_least_fp32(tokens),
                     class_features,
@@ -237,6 +303,7 @@ class CLIPLung(nn.Module):
                     weights.to(class_features.dtype),
                     labels,
                     _at_least_fp32(self.logit_scale[0]),
+                    global_negatives=cfg.ia_negatives == "global",
                 )
             loss = loss + cfg.lambda_ic * ic + cfg.lambda_ca * ca + cfg.lambda_ia * ia
             parts.update(ic=ic.detach(), ca=ca.detach(), ia=ia.detach())

@@ -42,13 +42,18 @@ def stage_size(patch_size: int) -> int:
 class _Fp32BatchNorm:
     """BatchNorm that normalises in fp32 whatever the dtype of its input, weights and statistics.
 
-    DeepSpeed's bf16 mode casts parameters to bf16 but keeps buffers (the running statistics) in
-    fp32, a mix ``F.batch_norm`` rejects; fp32 statistics are also what a 0.1-momentum average needs.
-    The output has the input's dtype. fp32 models take the stock path unchanged.
+    Training keeps fp32 weights (bf16 is autocast's business), and the stock kernels take a bf16
+    input with fp32 weights and statistics as they are (autocast's output of a convolution): that is
+    the stock path. A model whose parameters were cast to bf16 with fp32 buffers (a mix
+    ``F.batch_norm`` rejects; fp32 statistics are also what a 0.1-momentum average needs) normalises
+    in fp32 here. The output has the input's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == self.running_mean.dtype == torch.float32:
+        if self.weight.dtype == self.running_mean.dtype and self.weight.dtype in (
+            torch.float32,
+            torch.float64,
+        ):
             return super().forward(x)
         self._check_input_dim(x)
         factor = 0.0

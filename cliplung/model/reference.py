@@ -36,11 +36,14 @@ def reference_forward(
     b, n, _ = tokens.shape
     k = prompts.attr_ids.shape[0]
     full = text.context_length
-    weights = attribute_weights(attributes, cfg.attribute_prompts)
+    device = tokens.device
+    weights = attribute_weights(attributes, cfg.attribute_prompts, model.rating_bounds)
     if cfg.attribute_prompts == "rating":
-        levels = rating_levels(attributes)
+        levels = rating_levels(attributes, model.rating_bounds)
     else:
-        levels = torch.zeros(b, k, dtype=torch.long)
+        levels = torch.zeros(b, k, dtype=torch.long, device=device)
+    attribute_index = torch.arange(k, device=device)
+    sample_index = torch.arange(b, device=device)  # cross-entropy targets, on the logits' device
 
     def encode(ids: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         ids = F.pad(ids, (0, full - ids.shape[-1]))  # back to 77 positions, zero padded
@@ -52,7 +55,7 @@ def reference_forward(
     for i in range(b):
         ctx = ctx_all[i if ctx_all.shape[0] > 1 else 0]
         class_features = encode(prompts.class_ids, ctx)  # (C, E)
-        attr_ids = torch.stack([prompts.attr_ids[a, levels[i, a]] for a in range(k)])
+        attr_ids = prompts.attr_ids[attribute_index, levels[i]]  # (K, L), indexed on the device
         attr_features = encode(attr_ids, ctx)  # (K, E)
         for j in range(n):
             ic_sum = ic_sum + F.cross_entropy((s * class_features @ tokens[i, j])[None], labels[i : i + 1])
@@ -63,7 +66,7 @@ def reference_forward(
     ia_sum = 0.0
     for j in range(n):
         for i in range(b):
-            target = torch.tensor([i])
+            target = sample_index[i : i + 1]
             image_to_text = s * d @ tokens[i, j]
             text_to_image = s * tokens[:, j] @ d[i]
             ia_sum = ia_sum + 0.5 * (

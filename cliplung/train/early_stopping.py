@@ -31,13 +31,13 @@ from typing import Any
 
 from cliplung import storage
 from cliplung.config import TrainConfig
+from cliplung.train.preflight import TRAIN_STATE_FILE
 
 __all__ = ["CURVE_METRICS", "STATE_KEY", "EarlyStopping", "read_train_state", "stopped_early"]
 
 STATE_KEY = "early_stopping"
 CURVE_METRICS = ("val/accuracy", "val/macro_f1", "val/auc", "train/loss")
 """Metrics whose per-epoch values the record keeps (besides the monitored one)."""
-TRAIN_STATE_FILE = "train_state.json"
 
 
 def _finite(value: Any) -> float | None:
@@ -73,6 +73,15 @@ class EarlyStopping:
             self.stopped = bool(previous.get("stopped", False))
             self.stopped_epoch = previous.get("stopped_epoch")
             self.history = {k: list(v) for k, v in (previous.get("history") or {"epoch": []}).items()}
+
+    @classmethod
+    def from_checkpoint(cls, train: TrainConfig, checkpoint: Any | None) -> EarlyStopping:
+        """The decision of a run resuming from ``checkpoint`` (a ``ray.train.Checkpoint``, or None
+        for a new run): its record is read back from the checkpoint's ``train_state.json``."""
+        if checkpoint is None:
+            return cls(train)
+        with checkpoint.as_directory() as directory:
+            return cls(train, read_train_state(directory))
 
     def _improves(self, value: float) -> bool:
         if self.best is None:

@@ -1,25 +1,37 @@
 """The per-worker training loop that Ray Train runs on every worker.
 
-One loop for 1 CPU worker, 2 CPU workers (gloo) and N GPUs (nccl):
+One loop for 1 CPU worker, 2 CPU workers (gloo) and N GPUs (nccl, one GPU per worker):
 
 1. Rebuild the :class:`~cliplung.config.Config` from the loop config, seed, build the model.
-2. Wrap it with ``deepspeed.initialize`` (ZeRO stage, bf16/fp32, gradient accumulation and
-   clipping from the config; the optimizer and cosine schedule are torch objects handed to
-   DeepSpeed so SGD, as published, works as well as AdamW).
-3. Resume from ``ray.train.get_checkpoint()`` when the run has one: DeepSpeed state (model,
-   optimizer, scheduler), the EMA weights, the epoch and the step counter. The data order and
-   augmentation of an epoch are functions of (seed, epoch, rank), so nothing else is needed to
-   replay an interrupted epoch exactly.
-4. Each epoch: train on this worker's shard (augmented on the worker), evaluate the EMA model on
-   the validation shard, gather predictions from all workers, compute the metrics, and report
-   them with a checkpoint (DeepSpeed state + EMA + a plain inference export with its config).
+2. Build the DeepSpeed engine on Ray Train's device (:func:`cliplung.train.step.build_engine`: ZeRO
+   stage, fp32 weights with bf16 autocast or plain fp32, gradient accumulation and clipping; the
+   optimizer and cosine schedule are torch objects handed to DeepSpeed, so SGD, as published, works as
+   well as AdamW) and the EMA of the image encoder and head.
+3. Resume from ``ray.train.get_checkpoint()`` when the run has one, after
+   :func:`~cliplung.train.preflight.check_resume`: DeepSpeed state (model, optimizer, scheduler) or,
+   in a checkpoint written without optimizer state, the weights and schedule; the EMA; the epoch and
+   step counter. The data order and augmentation of an epoch are functions of (seed, epoch, rank),
+   so nothing else is needed to replay an interrupted epoch exactly.
+4. Each epoch: train on this worker's shard (augmented on the worker; no host synchronisation in
+   the step, see :mod:`cliplung.train.step`), evaluate the EMA model on the validation shard, gather
+   predictions from all workers, compute the metrics, and report them with a checkpoint.
+5. A non-finite loss or EMA ends the run at that step: a final report without checkpoint marks the
+   divergence (``train/diverged``, ``train/divergence``) and the loop returns normally, so Ray Train
+   does not retry it; the driver raises :class:`~cliplung.train.step.DivergedError`.
+
+Checkpoint of epoch ``e`` (``epoch_NNNN/``): ``deepspeed/`` (fp32 model without the frozen parameters,
+optimizer and scheduler; every ``train.optimizer_state_every``-th epoch and the last) or else
+``weights.pt`` (trainable weights and schedule), ``model.pt`` (the EMA's inference export, whose
+weights are the EMA's), ``ema.pt`` (the EMA's decay and update count),
+``rng_rank*.pt``, ``config.yaml`` and ``train_state.json`` (epoch, step, metrics, what wrote it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
-import math
 import os
 import resource
 import sys
@@ -27,7 +39,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import deepspeed
 import numpy as np
 import ray.data
 import ray.train
@@ -36,54 +47,33 @@ import torch
 import torch.distributed as dist
 
 from cliplung.config import Config, config_from_dict, dump_config
-from cliplung.data.augment import augment_batch, epoch_generator
-from cliplung.model import ModelEMA, build_model, save_inference
+from cliplung.data.augment import epoch_generator
+from cliplung.model import build_model, save_inference
 from cliplung.train.early_stopping import EarlyStopping
 from cliplung.train.metrics import classification_metrics
+from cliplung.train.preflight import TRAIN_STATE_FILE, check_resume, checkpoint_identity
 from cliplung.train.prometheus import WorkerMetrics
+from cliplung.train.step import (
+    DIVERGED_KEY,
+    DIVERGENCE_FILE,
+    DIVERGENCE_KEY,
+    Divergence,
+    Engine,
+    LossMonitor,
+    build_engine,
+    cosine_schedule,
+    deepspeed_config,
+    ema_divergence,
+    loss_parts,
+    train_step,
+)
 
-__all__ = ["deepspeed_config", "train_loop_per_worker"]
+__all__ = ["cosine_schedule", "deepspeed_config", "optimizer_state_due", "train_loop_per_worker"]
 
 DEEPSPEED_TAG = "state"
+WEIGHTS_FILE = "weights.pt"
 SHUFFLE_BUFFER_MAX_ROWS = 4096
 FAULT_DELAY_S = 3.0
-
-
-def deepspeed_config(config: Config, use_gpu: bool) -> dict:
-    """The DeepSpeed JSON config for a training config."""
-    t = config.train
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and use_gpu)
-    return {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": bf16},
-        # Our optimizers are plain torch ones (SGD as published); ZeRO 1/2 partition them fine.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def cosine_schedule(total_steps: int, warmup_steps: int):
-    """lr multiplier: linear warm-up, then cosine decay to 0 over ``total_steps`` optimizer steps."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _optimizer(config: Config, params) -> torch.optim.Optimizer:
-    t = config.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def _say(line: str) -> None:
@@ -131,29 +121,17 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20
 
 
-def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
-
-
 @torch.no_grad()
-def _evaluate(model: torch.nn.Module, shard, batch_size: int, device, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels of this worker's validation shard."""
-    model.eval()
+def _evaluate(model: torch.nn.Module, shard, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels of this worker's validation shard (``model``: the EMA's
+    image encoder and head, fp32), copied to the host once."""
     probs, labels = [], []
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-        logits = model.predict(batch["patches"].to(dtype))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels.append(batch["label"].cpu().numpy())
-    model.train()
+        probs.append(torch.softmax(model(batch["patches"].float()).float(), dim=1))
+        labels.append(batch["label"])
     if not probs:
         return np.zeros((0, 0)), np.zeros((0,), dtype=np.int64)
-    return np.concatenate(probs), np.concatenate(labels)
+    return torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
 def _gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,16 +143,123 @@ def _gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _save_checkpoint(directory: Path, engine, ema: ModelEMA, config: Config, state: dict, rank: int) -> None:
-    engine.save_checkpoint(
-        str(directory / "deepspeed"), tag=DEEPSPEED_TAG, client_state=state, save_latest=False
-    )
+def optimizer_state_due(config: Config, epoch: int) -> bool:
+    """Whether epoch ``epoch``'s checkpoint carries the optimizer state: every
+    ``train.optimizer_state_every``-th epoch, and the last one."""
+    t = config.train
+    return (epoch + 1) % t.optimizer_state_every == 0 or epoch == t.epochs - 1
+
+
+def _frozen(module: torch.nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if not p.requires_grad}
+
+
+def _save_checkpoint(directory: Path, run: Engine, config: Config, state: dict, rank: int) -> None:
+    if state["optimizer_state"]:
+        # Frozen parameters (the token table, a frozen text tower) are rebuilt from the config.
+        run.engine.save_checkpoint(
+            str(directory / "deepspeed"),
+            tag=DEEPSPEED_TAG,
+            client_state=state,
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
+    elif rank == 0:
+        frozen = _frozen(run.engine.module)
+        module = {k: v for k, v in run.engine.module.state_dict().items() if k not in frozen}
+        torch.save({"module": module, "lr_scheduler": run.scheduler.state_dict()}, directory / WEIGHTS_FILE)
     torch.save(torch.get_rng_state(), directory / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save(ema.state_dict(), directory / "ema.pt")
-        save_inference(ema.module, config, directory / "model.pt")
+        # The EMA's weights are model.pt's; ema.pt keeps the rest of its state (not the weights twice).
+        ema_state = {k: v for k, v in run.ema.state_dict().items() if k != "module"}
+        torch.save(ema_state, directory / "ema.pt")
+        save_inference(run.ema.module, config, directory / "model.pt")
         dump_config(config, directory / "config.yaml")
-        (directory / "train_state.json").write_text(json.dumps(state, indent=2, default=float))
+        (directory / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2, default=float))
+
+
+def _load_weights(run: Engine, path: Path) -> None:
+    """Weights and schedule of a checkpoint written without optimizer state."""
+    saved = torch.load(path, map_location=run.device, weights_only=True)
+    missing, unexpected = run.engine.module.load_state_dict(saved["module"], strict=False)
+    if unexpected or set(missing) - _frozen(run.engine.module):
+        raise RuntimeError(
+            f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    if hasattr(run.engine.optimizer, "refresh_fp32_params"):  # ZeRO: its fp32 partitions follow the weights
+        run.engine.optimizer.refresh_fp32_params()
+    run.scheduler.load_state_dict(saved["lr_scheduler"])
+
+
+def _resume(checkpoint, run: Engine, config: Config, rank: int, world: int) -> tuple[int, int, str]:
+    """Load ``checkpoint`` into the engine and EMA; (first epoch to run, global step, note)."""
+    with checkpoint.as_directory() as ckpt_dir:
+        ckpt_dir = Path(ckpt_dir)
+        state = json.loads((ckpt_dir / TRAIN_STATE_FILE).read_text())
+        check_resume(config, state, world_size=world, checkpoint=str(checkpoint.path))
+        note = ""
+        if (ckpt_dir / "deepspeed").is_dir():
+            run.engine.load_checkpoint(
+                str(ckpt_dir / "deepspeed"),
+                tag=DEEPSPEED_TAG,
+                load_module_strict=False,  # frozen parameters are not saved (same config: same values)
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        else:
+            _load_weights(run, ckpt_dir / WEIGHTS_FILE)
+            note = (
+                "; that checkpoint has no optimizer state (train.optimizer_state_every), so it starts afresh"
+            )
+        ema_state = torch.load(ckpt_dir / "ema.pt", weights_only=True)
+        ema_state["module"] = torch.load(ckpt_dir / "model.pt", map_location=run.device, weights_only=True)[
+            "state_dict"
+        ]
+        run.ema.load_state_dict(ema_state)
+        rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            torch.set_rng_state(torch.load(rng_file, weights_only=True))
+    return int(state["epoch"]) + 1, int(state["global_step"]), note
+
+
+def _validation_keys(config: Config) -> list[str]:
+    """The ``val/*`` keys an epoch reports (the diverged report carries them as NaN: Tune checks that
+    its metric is in every result)."""
+    n = config.data.num_classes
+    return list(classification_metrics(np.arange(n), np.eye(n), config.data.class_names, prefix="val/"))
+
+
+def _divergence_record() -> tuple[object, str]:
+    """(filesystem, path) of this run's divergence record, from Ray's own storage of the run (the
+    config's ``storage.path`` may be relative to a driver directory the worker does not share)."""
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, f"{storage.experiment_fs_path}/{DIVERGENCE_FILE}"
+
+
+def _clear_divergence_record() -> None:
+    fs, path = _divergence_record()
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_file(path)
+
+
+def _report_divergence(config: Config, divergence: Divergence, monitor: LossMonitor) -> None:
+    message = divergence.message(config.train.epochs)
+    if ray.train.get_context().get_world_rank() == 0:
+        _say(f"[diverged] {message}")
+        record = {"message": message, **dataclasses.asdict(divergence)}
+        fs, path = _divergence_record()
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps(record, default=float).encode())
+    report = {
+        "epoch": divergence.epoch,
+        "global_step": divergence.global_step,
+        **{f"train/{k}": v for k, v in monitor.means().items()},
+        **dict.fromkeys(_validation_keys(config), float("nan")),
+        "train/lr": divergence.lr,
+        DIVERGED_KEY: 1.0,
+        DIVERGENCE_KEY: message,
+    }
+    ray.train.report(report)  # no checkpoint: the newest stays the last good epoch's
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -192,51 +277,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(
         config.model, num_classes=config.data.num_classes, patch_size=config.prepare.patch_size
     )
-    ema = ModelEMA(model, decay=t.ema_decay)
     steps_per_epoch = loop_config["steps_per_epoch"]  # micro-batches per worker per epoch
-    opt_steps_per_epoch = max(1, steps_per_epoch // t.grad_accum)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(config, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(t.epochs * opt_steps_per_epoch, t.warmup_epochs * opt_steps_per_epoch)
-    )
-    ds_config = deepspeed_config(config, use_gpu)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    ema.module.to(device)
+    run = build_engine(config, model, device, max(1, steps_per_epoch // t.grad_accum))
 
     start_epoch, global_step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(
-                str(Path(ckpt_dir) / "deepspeed"),
-                tag=DEEPSPEED_TAG,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-            )
-            ema.load_state_dict(torch.load(Path(ckpt_dir) / "ema.pt", map_location=device, weights_only=True))
-            rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
-            if rng_file.exists():
-                torch.set_rng_state(torch.load(rng_file, weights_only=True))
-        start_epoch = int(client_state["epoch"]) + 1
-        global_step = int(client_state["global_step"])
+        start_epoch, global_step, note = _resume(checkpoint, run, config, rank, world)
         if rank == 0:
-            _say(f"resuming from {checkpoint.path} (epoch {start_epoch} of {t.epochs} done)")
+            _say(f"resuming from {checkpoint.path} (epoch {start_epoch} of {t.epochs} done){note}")
 
+    if rank == 0:
+        _clear_divergence_record()  # a record of an earlier attempt of this run name
     ray.data.DataContext.get_current().enable_progress_bars = False
-    metrics_out = WorkerMetrics(config.name, rank, config.metrics.port, enabled=config.metrics.enabled)
+    metrics_out = WorkerMetrics(config.name, rank, config.metrics)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     micro = t.micro_batch_size
     shuffle_rows = min(SHUFFLE_BUFFER_MAX_ROWS, steps_per_epoch * micro)
-    stopper = EarlyStopping(t, client_state if checkpoint is not None else None)
+    monitor = LossMonitor(device, names=loss_parts(config))
+    stopper = EarlyStopping.from_checkpoint(t, checkpoint)
 
     for epoch in range(start_epoch, t.epochs):
         gen = epoch_generator(t.seed, epoch, rank)
-        sums: dict[str, float] = {}
+        monitor.start_epoch(epoch)
         n_steps, samples, wait_total = 0, 0, 0.0
         epoch_start = time.perf_counter()
         batches = iter(
@@ -246,34 +310,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 device=device,
                 local_shuffle_buffer_size=shuffle_rows,
                 local_shuffle_seed=t.seed * 100_003 + epoch,
+                pin_memory=use_gpu,  # the batch's copy to the GPU then does not block the host
             )
         )
-        while n_steps < steps_per_epoch:
+        while n_steps < steps_per_epoch and monitor.divergence is None:
             step_start = time.perf_counter()
             try:
                 batch = next(batches)
             except StopIteration:
                 break
             waited = time.perf_counter() - step_start
-            images = augment_batch(batch["patches"], gen, t.augment).to(dtype)
-            out = engine(images, labels=batch["label"], attributes=batch["attributes"].to(dtype))
-            engine.backward(out["loss"])
-            engine.step()
+            parts, lr = train_step(run, batch, gen, config, global_step)
             global_step += 1
-            if global_step % t.grad_accum == 0:  # an optimizer step happened
-                ema.update(engine.module)
             n_steps += 1
-            samples += images.shape[0]
+            monitor.record(parts, step=n_steps, global_step=global_step, lr=lr)
+            samples += micro
             wait_total += waited
-            sums["loss"] = sums.get("loss", 0.0) + float(out["loss"].detach())
-            for part, value in out["parts"].items():
-                sums[part] = sums.get(part, 0.0) + float(value)
-            metrics_out.step(time.perf_counter() - step_start, waited, images.shape[0])
+            metrics_out.step(time.perf_counter() - step_start, waited, micro)
             _maybe_inject_fault(config, rank, global_step)
+        monitor.flush()  # the one wait for the device per epoch
         train_seconds = time.perf_counter() - epoch_start
-        losses = _mean_across_workers({k: v / max(1, n_steps) for k, v in sums.items()}, device)
+        divergence = monitor.divergence or ema_divergence(run.ema, monitor)
+        if divergence is not None:
+            _report_divergence(config, divergence, monitor)
+            break
+        losses = monitor.means()
 
-        probs, labels = _gather(*_evaluate(ema.module, val_shard, micro * 2, device, dtype))
+        probs, labels = _gather(*_evaluate(run.ema.module, val_shard, micro * 2, device))
         val = classification_metrics(labels, probs, config.data.class_names, prefix="val/")
         report = {
             "epoch": epoch,
@@ -281,7 +344,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "global_step": global_step,
             **{f"train/{k}": v for k, v in losses.items()},
             **val,
-            "train/lr": float(scheduler.get_last_lr()[0]),
+            "train/lr": float(run.scheduler.get_last_lr()[0]),
             "train/samples_per_second": samples * world / max(train_seconds, 1e-9),
             "train/data_wait_share": wait_total / max(train_seconds, 1e-9),
             "train/epoch_seconds": train_seconds,
@@ -308,10 +371,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "epoch": epoch,
             "global_step": global_step,
             "metrics": report,
+            "optimizer_state": optimizer_state_due(config, epoch),
+            **checkpoint_identity(config, world, run.precision),
             **stopper.after_epoch(epoch, report),
         }
         with tempfile.TemporaryDirectory(prefix="cliplung-ckpt-") as tmp:
-            _save_checkpoint(Path(tmp), engine, ema, config, state, rank)
+            _save_checkpoint(Path(tmp), run, config, state, rank)
             upload_start = time.perf_counter()
             try:
                 ray.train.report(
@@ -327,5 +392,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 _say(stopper.summary())
             break
+    metrics_out.finish()
     if config.train.debug_fail_at_step is not None and rank == 0:
         _fault_marker(config).unlink(missing_ok=True)

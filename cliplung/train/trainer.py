@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cliplung.cluster import PlacementWatch, check_placement, ensure_ray
+from cliplung.cluster import PlacementWatch, check_placement, ensure_ray, is_embedded
 from cliplung.config import Config
 from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
 from cliplung.runs import CheckpointInfo, Run, best_of
 from cliplung.storage import check_endpoint, is_s3
 from cliplung.train.early_stopping import stopped_early
 from cliplung.train.loop import train_loop_per_worker
+from cliplung.train.preflight import check_cuda, check_precision, check_resume, probe_cuda
+from cliplung.train.step import raise_if_diverged
 
 __all__ = ["TrainSummary", "build_trainer", "steps_per_epoch", "train"]
 
@@ -161,7 +163,17 @@ def train(
                 flush=True,
             )
             return _summary(config, run, splits, already_complete=True)
+        if latest is not None:
+            check_resume(
+                config, run.checkpoint_state(latest), world_size=t.workers, checkpoint=latest.location
+            )
         ensure_ray(address, num_cpus=os.cpu_count() or 1)
+        if t.gpus_per_worker > 0 and is_embedded():
+            # The driver runs on the cluster's only node: its CUDA is the workers' CUDA. (On a
+            # cluster the driver rarely has a GPU; each worker checks its own device.)
+            probe = probe_cuda()
+            check_cuda(config, probe)
+            check_precision(config, probe)
         check_placement(config)
         if shared_data is not None:
             datasets = shared_data.datasets_for(config, splits)
@@ -172,4 +184,5 @@ def train(
             result = trainer.fit()
         if result.error:
             raise result.error
+        raise_if_diverged(config)
         return _summary(config, run, splits, already_complete=False)

@@ -5,6 +5,10 @@
     cliplung tune --config debug --data stores/phantom --storage runs --name search1 --resume
     optuna-dashboard sqlite:///runs/search1/optuna.db --host 127.0.0.1 --port 8081
 
+    # A shared study in PostgreSQL, the password kept off the command line:
+    export OPTUNA_STORAGE=postgresql+psycopg://optuna@db.example:5432/optuna PGPASSWORD=...
+    cliplung tune --config debug --data s3://bucket/stores/phantom --storage s3://bucket/runs --name s2
+
 Registered on the main parser by :func:`register`; bad input raises
 :class:`~cliplung.config.ConfigError`, which ``cliplung``'s ``main`` turns into exit code 2.
 """
@@ -12,6 +16,7 @@ Registered on the main parser by :func:`register`; bad input raises
 from __future__ import annotations
 
 import argparse
+import sys
 
 from cliplung.arguments import add_config_args, config_from_args
 from cliplung.config import Config, ConfigError
@@ -36,7 +41,7 @@ _FLAGS = {
 
 
 def parse_resources(text: str) -> list[str]:
-    """``workers=2,gpus_per_worker=0.25`` as ``train.*`` ``--set`` overrides (values parsed as YAML
+    """``workers=1,gpus_per_worker=0.25`` as ``train.*`` ``--set`` overrides (values parsed as YAML
     numbers and checked by the config)."""
     overrides = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -47,12 +52,21 @@ def parse_resources(text: str) -> list[str]:
         if key not in RESOURCE_KEYS:
             raise ConfigError(
                 f"--resources-per-trial: unknown key {key!r}; use {', '.join(RESOURCE_KEYS)} "
-                "(e.g. workers=2,gpus_per_worker=0.25)"
+                "(e.g. workers=1,gpus_per_worker=0.25)"
             )
         overrides.append(f"train.{key}={value.strip()}")
     if not overrides:
         raise ConfigError(f"--resources-per-trial: nothing given in {text!r}")
     return overrides
+
+
+def _has_password(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:
+        return False
 
 
 def tune_config(args: argparse.Namespace) -> Config:
@@ -66,6 +80,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cliplung.tune.search import tune_search
 
     config = tune_config(args)
+    if args.study_db and _has_password(args.study_db):
+        print(
+            "cliplung tune: note: the --study-db password is visible to `ps` and in Ray's job list; "
+            "pass the URL without it and the password in PGPASSWORD or a file named by "
+            "CLIPLUNG_STUDY_DB_PASSWORD_FILE (the search records the URL without it either way)",
+            file=sys.stderr,
+            flush=True,
+        )
     t, tc = config.train, config.tune
     gpus = f", {t.gpus_per_worker} GPU" if t.gpus_per_worker else ""
     print(
@@ -101,13 +123,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--study-db",
         metavar="URL",
-        help="SQLAlchemy URL of the Optuna study (default: sqlite file <storage>/<name>/optuna.db; "
-        "required for s3:// storage)",
+        help="SQLAlchemy URL of the Optuna study, e.g. postgresql+psycopg://optuna@host:5432/optuna "
+        "(default: $OPTUNA_STORAGE, else the SQLite file <storage>/<name>/optuna.db; s3:// storage "
+        "needs a database). Keep the password out of it: PGPASSWORD, ~/.pgpass or a file named by "
+        "CLIPLUNG_STUDY_DB_PASSWORD_FILE",
     )
     p.add_argument(
         "--resources-per-trial",
         metavar="SPEC",
-        help="resources of each trial's training run, e.g. workers=2,gpus_per_worker=0.25 "
+        help="resources of each trial's training run, e.g. workers=1,gpus_per_worker=0.25 "
         f"(keys: {', '.join(RESOURCE_KEYS)})",
     )
     p.add_argument(

@@ -7,9 +7,11 @@ name)``. Its directory holds::
 
     <storage>/<name>/
       run.json  config.yaml  lease.json   the run record, the search's config, its driver's lease
-      optuna.db                 the Optuna study (default; tune.study_db takes any SQLAlchemy URL)
-      experiment_state-*.json   Ray Tune's state: trial statuses, searcher and scheduler
-      <trial_id>/               Tune's per-trial logs: result.json, progress.csv, TensorBoard events
+      optuna.db                 the Optuna study when it is SQLite (the default, one machine only;
+                                PostgreSQL for anything shared: see cliplung.tune.study)
+      tune/                     Ray Tune's experiment (TUNE_DIR), which Tune alone writes:
+        experiment_state-*.json   trial statuses, searcher and scheduler state, tuner.pkl
+        <trial_id>/               per-trial logs: result.json, progress.csv, TensorBoard events
       runs/<trial_id>/          the trial's training run: run.json, splits.json, epoch_NNNN/
       trials.csv  best.yaml  optimization_history.png  param_importances.png   (the summary)
 
@@ -28,7 +30,22 @@ its newest complete checkpoint. A trial whose run had finished all its epochs be
 died re-reports its final metrics instead of training again. ``--resume`` only adds the check that
 a search exists. Another config (or search space) under the same name is refused, naming what
 differs. When the search ends the study is reconciled with Tune's results
-(:func:`cliplung.tune.study.reconcile_study`).
+(:func:`cliplung.tune.study.reconcile_study`). A RayJob's retry is exactly this: the same command.
+
+**The study** is claimed by its search (the study attribute :data:`SEARCH_ATTR` holds the
+search's location): another search of the same name in a shared database is refused, never fed
+into it or deleted. The config records ``tune.study_db`` without its password, whatever its
+source (:func:`cliplung.tune.study.study_db`).
+
+**Before anything is written** everything that can be checked without Ray is: the search space,
+the study database's URL and reachability, the nodule store, the object-store endpoint, that the
+search directory can be one (created, with its parents, only then), that the name is not a
+training run's, and a changed config. Each failure is a :class:`ConfigError`, ``StorageError``
+or ``RunError``, which ``cliplung`` prints as one line with exit code 2.
+
+Tune's experiment has a folder of its own because a restored Tune copies every ``.json`` and
+``.pkl`` file at the top of its experiment folder to its staging folder and syncs them back later:
+a ``lease.json`` beside them came back stale and took the lease from the driver holding it.
 
 **Placement groups.** A trial that ASHA stops is killed by Tune; Ray Train's own clean-up then
 frees its workers' placement group. That clean-up finds the cluster through ``RAY_ADDRESS``, which
@@ -42,6 +59,7 @@ curves (Tune's TensorBoardX logger).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -57,15 +75,15 @@ from cliplung.cluster import check_placement, ensure_ray
 from cliplung.config import Config, ConfigError, config_from_dict
 from cliplung.data.ingest import open_training_store
 from cliplung.runs import Run, RunError
-from cliplung.storage import check_endpoint, is_s3, parse_location
+from cliplung.storage import StorageError, check_endpoint, is_s3, parse_location, pyarrow_filesystem
 from cliplung.tune.space import SearchPlan, apply_params, search_space, trial_config
 from cliplung.tune.study import (
     EPOCHS_DONE,
     TRIAL_ID_ATTR,
+    StudyDB,
     StudySearcher,
-    default_study_url,
     open_study_storage,
-    safe_url,
+    study_db,
 )
 from cliplung.tune.summary import TuneSummary, summarize
 
@@ -74,6 +92,7 @@ __all__ = [
     "SEARCH_MAY_CHANGE",
     "TRIAL_DRIVER_CPUS",
     "TRIAL_ID_ATTR",
+    "TUNE_DIR",
     "SearchPlan",
     "TuneSummary",
     "apply_params",
@@ -85,6 +104,8 @@ __all__ = [
 TRIAL_DRIVER_CPUS = 0.1
 """CPUs held by each trial's Tune function. It only drives a Train run (the trainer asks for its
 own workers), but Tune's placement group cannot be empty."""
+TUNE_DIR = "tune"
+"""Ray Tune's experiment folder inside the search directory."""
 SEARCH_MAY_CHANGE = ("name", "preset", "storage", "metrics", "data.store")
 """What a search may change between starts: where it lives and its metrics export. Everything
 else (search space, trial count, concurrency, training config) is fixed by Tune's saved state."""
@@ -154,18 +175,18 @@ def _scheduler(config: Config):
     )
 
 
-def _new_tuner(config: Config, plan: SearchPlan, study_url: str, search: Run, stop: Any) -> ray.tune.Tuner:
+def _new_tuner(config: Config, plan: SearchPlan, db: StudyDB, search: Run, stop: Any) -> ray.tune.Tuner:
     tc = config.tune
     searcher = StudySearcher(
         plan.distributions,
         metric=tc.metric,
         mode=tc.mode,
         study_name=config.name,
-        study_url=study_url,
+        study_url=db.url,
         seed=tc.seed,
         max_epochs=config.train.epochs,
     )
-    fs, root = search.pyarrow()
+    fs, root = pyarrow_filesystem(search.location, endpoint=search.endpoint)
     return ray.tune.Tuner(
         _trainable(config, search.path("runs")),
         tune_config=ray.tune.TuneConfig(
@@ -178,7 +199,7 @@ def _new_tuner(config: Config, plan: SearchPlan, study_url: str, search: Run, st
             reuse_actors=False,
         ),
         run_config=ray.tune.RunConfig(
-            name=config.name,
+            name=TUNE_DIR,
             storage_path=root,
             storage_filesystem=fs,
             callbacks=[TBXLoggerCallback()],
@@ -188,24 +209,70 @@ def _new_tuner(config: Config, plan: SearchPlan, study_url: str, search: Run, st
     )
 
 
-def _open_study(config: Config, study_url: str, *, continuing: bool) -> optuna.storages.RDBStorage:
-    """Open the study database; a new search must not find a study of its name with trials in it,
-    a continued one must find its study."""
-    storage = open_study_storage(study_url)
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    if continuing and config.name not in existing:
-        raise ConfigError(
-            f"tune.study_db: study {config.name!r} is missing from {safe_url(study_url)}; "
-            "continuing a search needs the database it started with"
-        )
-    if not continuing and config.name in existing:
-        if existing[config.name].n_trials:
+SEARCH_ATTR = "cliplung_search"
+"""Study user attribute: the location of the search that owns the study. Two searches that share
+a database under the same name would otherwise feed one study."""
+
+
+def _open_study(config: Config, db: StudyDB, search: Run, *, continuing: bool) -> optuna.storages.RDBStorage:
+    """Open the study database and claim the study ``config.name`` for this search.
+
+    A continued search must find its study. A new one creates it, tagged with its location, or
+    takes over the one it created itself in a start that died before Tune saved any state (its
+    asked trials are closed as FAIL when the search ends). A study of that name owned by another
+    search is refused, whatever it holds: it is never shared, changed or deleted."""
+    rdb = open_study_storage(db.url)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(rdb)}
+    summary = existing.get(config.name)
+    if continuing:
+        if summary is None:
             raise ConfigError(
-                f"tune.study_db: {safe_url(study_url)} already holds a study {config.name!r} with "
-                f"{existing[config.name].n_trials} trials; choose another --name (or delete the study)"
+                f"tune.study_db: study {config.name!r} is missing from {db.public}; "
+                "continuing a search needs the database it started with"
             )
-        optuna.delete_study(study_name=config.name, storage=storage)  # left by a start that died early
-    return storage
+        return rdb
+    if summary is not None:
+        owner = summary.user_attrs.get(SEARCH_ATTR)
+        if owner != search.location and (owner is not None or summary.n_trials):
+            whose = f"search {owner}" if owner else "something other than cliplung tune"
+            raise ConfigError(
+                f"tune.study_db: {db.public} already holds a study {config.name!r} "
+                f"({summary.n_trials} trials) made by {whose}; choose another --name"
+            )
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=rdb,
+        direction="maximize" if config.tune.mode == "max" else "minimize",
+        load_if_exists=True,
+    )
+    study.set_user_attr(SEARCH_ATTR, search.location)
+    return rdb
+
+
+def _check_search_dir(search: Run, *, create: bool = False) -> None:
+    """A local search directory must be (or be creatable as) a writable directory: checked before
+    anything is written, created (with its parents) only once every other check passed, so a path
+    that cannot be one fails naming it rather than somewhere inside Tune."""
+    if is_s3(search.location):
+        return
+    path = parse_location(search.location).path
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem is None and create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem:
+        raise StorageError(
+            f"storage.path: cannot create the search directory {path} ({problem}); check --storage and --name"
+        )
 
 
 def tune_search(
@@ -222,12 +289,19 @@ def tune_search(
     config = _absolute_paths(config)
     plan = search_space(config)
     _check(config)
-    study_url = default_study_url(config)
+    db = study_db(config)
+    if not db.is_default:
+        # Recorded without its password, wherever the password came from (see cliplung.tune.study).
+        config = config.replace(tune=dataclasses.replace(config.tune, study_db=db.public))
     if is_s3(config.storage.path):
         check_endpoint(config.storage.endpoint)
     search = Run.of(config)
-    fs, _ = search.pyarrow()
-    experiment = parse_location(search.location).path
+    _check_search_dir(search)
+    record = search.record()
+    if record is not None and record.get("kind") != "search":
+        raise RunError(f"{search.location} is a {record.get('kind')} run, not a search; use another --name")
+    fs, root = pyarrow_filesystem(search.location, endpoint=search.endpoint)
+    experiment = f"{root}/{TUNE_DIR}"
     continuing = ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs)
     if resume and not continuing:
         raise ConfigError(
@@ -235,15 +309,14 @@ def tune_search(
             "--storage and --name, or start the search without --resume"
         )
     store, _ = open_training_store(config)  # a bad store or split fails here, before Ray starts
-    if not config.tune.study_db:
-        os.makedirs(parse_location(search.location).path, exist_ok=True)  # the default SQLite's home
-    open_study_storage(study_url)  # an unreachable study database fails here too
+    _check_search_dir(search, create=True)
+    open_study_storage(db.url)  # an unreachable study database fails here too
     with search.lease(purpose=f"cliplung tune {config.name}"):
+        rdb = _open_study(config, db, search, continuing=continuing)
         try:
             search.start(config, kind="search", store=store, may_change=SEARCH_MAY_CHANGE)
         except RunError as exc:
             raise RunError(f"{exc} (a search continues only with the config it started with)") from None
-        storage = _open_study(config, study_url, continuing=continuing)
         ensure_ray(address, num_cpus=os.cpu_count() or 1)
         check_placement(config, drivers=TRIAL_DRIVER_CPUS)
         notes: list[str] = []
@@ -256,7 +329,7 @@ def tune_search(
                 storage_filesystem=fs,
             )
         else:
-            tuner = _new_tuner(config, plan, study_url, search, stop)
+            tuner = _new_tuner(config, plan, db, search, stop)
         results = tuner.fit()
-        study = optuna.load_study(study_name=config.name, storage=storage)
-        return summarize(config, plan, study, study_url, results, search, search.path("runs"), notes)
+        study = optuna.load_study(study_name=config.name, storage=rdb)
+        return summarize(config, plan, study, db.public, results, search, search.path("runs"), notes)

@@ -1,9 +1,18 @@
 """The Optuna study of a search: its database, the searcher that feeds it, and the final reconciliation.
 
-The study lives in a relational database (``tune.study_db``, any SQLAlchemy URL; a SQLite file in
-the search directory by default), so it outlives the driver and ``optuna-dashboard`` can show it
-while the search runs. Every Optuna trial carries its Ray trial id as the user attribute
+The study lives in a relational database (:func:`study_db`), so it outlives the driver and
+``optuna-dashboard`` can show it while the search runs: PostgreSQL (``postgresql+psycopg://``) for
+any search that more than one machine touches, a SQLite file for one machine (the default: in the
+search directory). Every Optuna trial carries its Ray trial id as the user attribute
 ``ray_trial_id``.
+
+**The password.** The URL comes from ``tune.study_db`` (``--study-db``), else ``OPTUNA_STORAGE``
+(the variable Optuna's own CLI reads). Its password may be in it, or come from the file named by
+``CLIPLUNG_STUDY_DB_PASSWORD_FILE``, or, for PostgreSQL, from libpq's own ``PGPASSWORD`` /
+``~/.pgpass``. Whatever the source, the password lives only in this process's memory: the search
+records the URL without it (:attr:`StudyDB.public`: in its config, its run record, its trials'
+configs and checkpoints, ``best.yaml``, the searcher Tune pickles), and
+:data:`_CONNECT_URLS` maps that form back to the full URL for the searcher in this driver.
 
 :class:`StudySearcher` is Optuna's ask-and-tell behind Ray Tune's public ``Searcher`` interface,
 written on Optuna's public API alone (``Study.ask``/``tell``, ``Trial.report``, the storage's
@@ -27,6 +36,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -34,17 +44,22 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from cliplung.config import Config, ConfigError
+from cliplung.config import Config, ConfigError, mask_url_password
 from cliplung.storage import is_s3, parse_location
 
 __all__ = [
     "EPOCHS_DONE",
+    "PASSWORD_FILE_ENV",
+    "STORAGE_ENV",
     "TRIAL_ID_ATTR",
+    "StudyDB",
     "StudySearcher",
-    "default_study_url",
+    "connect_url",
     "open_study_storage",
+    "public_url",
     "reconcile_study",
     "safe_url",
+    "study_db",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,13 +74,24 @@ TRIAL_ID_ATTR = "ray_trial_id"
 
 
 def safe_url(url: str) -> str:
-    """The URL without its password, for messages and summaries."""
+    """The URL with its password masked (``***``), for messages."""
     from sqlalchemy.engine import make_url
 
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url
+        return mask_url_password(url)
+
+
+def public_url(url: str) -> str:
+    """The URL without its password: what a search records (and what ``optuna-dashboard`` takes
+    when the password comes from ``PGPASSWORD``)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return _without_password(make_url(url))
+    except Exception:
+        return mask_url_password(url)
 
 
 def open_study_storage(url: str) -> optuna.storages.RDBStorage:
@@ -91,18 +117,95 @@ def open_study_storage(url: str) -> optuna.storages.RDBStorage:
         ) from None
 
 
-def default_study_url(config: Config) -> str:
-    """``tune.study_db``, or a SQLite file in the search directory (local storage only)."""
+STORAGE_ENV = "OPTUNA_STORAGE"
+"""The study database's URL when ``tune.study_db`` is not set (Optuna's CLI reads it too)."""
+PASSWORD_FILE_ENV = "CLIPLUNG_STUDY_DB_PASSWORD_FILE"
+"""A file holding the study database's password, for a URL that has none (e.g. a mounted Secret)."""
+
+_CONNECT_URLS: dict[str, str] = {}
+"""Public URL -> URL with its password, for this process only. The searcher is pickled by Tune
+(``tuner.pkl``, its experiment state) with the public URL and finds the password here again
+when the driver restores it; nothing else of it is ever written."""
+
+
+@dataclass(frozen=True)
+class StudyDB:
+    """Where a search's study lives. ``public`` (the URL without its password) is what the search
+    writes and prints; ``url`` is what it connects with and never leaves this process."""
+
+    url: str
+    public: str
+    source: str
+    """Where the URL came from: ``tune.study_db``, ``OPTUNA_STORAGE`` or ``default``."""
+
+    def __repr__(self) -> str:
+        return f"StudyDB({self.public!r}, source={self.source!r})"
+
+    @property
+    def is_default(self) -> bool:
+        return self.source == "default"
+
+
+def _without_password(url) -> str:
+    from sqlalchemy.engine import URL
+
+    bare = URL.create(url.drivername, url.username, None, url.host, url.port, url.database, url.query)
+    return bare.render_as_string(hide_password=False)
+
+
+def _read_password_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"{PASSWORD_FILE_ENV}: cannot read the study database password from {path} ({exc.strerror})"
+        ) from None
+    if not password:
+        raise ConfigError(f"{PASSWORD_FILE_ENV}: {path} is empty")
+    return password
+
+
+def study_db(config: Config) -> StudyDB:
+    """The study database of ``config``'s search: ``tune.study_db``, else ``$OPTUNA_STORAGE``,
+    else a SQLite file in the search directory (local storage only); its password as the module
+    docstring says. A relative SQLite path is made absolute (the driver's working directory is
+    not the trials')."""
+    from sqlalchemy.engine import make_url
+
     if config.tune.study_db:
-        return config.tune.study_db
-    if is_s3(config.storage.path):
+        url, source = config.tune.study_db, "tune.study_db"
+    elif os.environ.get(STORAGE_ENV):
+        url, source = os.environ[STORAGE_ENV], STORAGE_ENV
+    elif is_s3(config.storage.path):
         raise ConfigError(
             f"tune.study_db: storage {config.storage.path} is on S3, where a SQLite study cannot live; "
-            "pass --study-db with a database URL (e.g. postgresql+psycopg://user@host/optuna, or "
-            "sqlite:////local/disk/optuna.db)"
+            f"pass --study-db or set {STORAGE_ENV} to a database URL (e.g. "
+            "postgresql+psycopg://optuna@host:5432/optuna, password from PGPASSWORD or "
+            f"{PASSWORD_FILE_ENV}), or sqlite:////local/disk/optuna.db for one machine"
         )
-    path = os.path.join(parse_location(config.storage.path).path, config.name, "optuna.db")
-    return f"sqlite:///{path}"
+    else:
+        path = os.path.join(parse_location(config.storage.path).path, config.name, "optuna.db")
+        url, source = f"sqlite:///{path}", "default"
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise ConfigError(f"{source}: {safe_url(url)!r} is not a SQLAlchemy database URL ({exc})") from None
+    if parsed.drivername.startswith("sqlite") and parsed.database and parsed.database != ":memory:":
+        parsed = parsed.set(database=os.path.abspath(parsed.database))
+    if parsed.password is None and os.environ.get(PASSWORD_FILE_ENV):
+        parsed = parsed.set(password=_read_password_file(os.environ[PASSWORD_FILE_ENV]))
+    db = StudyDB(
+        url=parsed.render_as_string(hide_password=False), public=_without_password(parsed), source=source
+    )
+    _CONNECT_URLS[db.public] = db.url
+    return db
+
+
+def connect_url(url: str) -> str:
+    """The URL to connect with for ``url`` (a public one registered by :func:`study_db` in this
+    process gets its password back)."""
+    return _CONNECT_URLS.get(url, url)
 
 
 # --------------------------------------------------------------------------- the searcher
@@ -125,7 +228,11 @@ class StudySearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.distributions = distributions
         self.study_name = study_name
-        self.study_url = study_url
+        public = public_url(study_url)
+        if public != study_url:
+            _CONNECT_URLS[public] = study_url
+        self.study_url = public
+        """Never the password: Tune pickles the searcher (:func:`connect_url` finds it again)."""
         self.seed = seed
         self.max_epochs = max_epochs
         self.numbers: dict[str, int] = {}
@@ -144,7 +251,7 @@ class StudySearcher(Searcher):
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
-            self._storage = open_study_storage(self.study_url)
+            self._storage = open_study_storage(connect_url(self.study_url))
             self._study = optuna.create_study(
                 study_name=self.study_name,
                 storage=self._storage,

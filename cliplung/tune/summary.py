@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from cliplung.config import Config, dump_config
 from cliplung.runs import Run
 from cliplung.tune.space import SearchPlan, apply_params
-from cliplung.tune.study import EPOCHS_DONE, TRIAL_ID_ATTR, reconcile_study, safe_url
+from cliplung.tune.study import EPOCHS_DONE, TRIAL_ID_ATTR, public_url, reconcile_study
 
 __all__ = ["DASHBOARD_PORT", "SUMMARY_METRICS", "TuneSummary", "summarize", "trial_rows"]
 
@@ -69,7 +69,8 @@ class TuneSummary:
             + ("  (cliplung train --config it)" if self.best_config else ""),
             f"  plots:            {', '.join(self.plots) or 'none'}",
             f"  optuna study:     {self.study_db}",
-            f"  watch the study:  optuna-dashboard {self.study_db} --host 127.0.0.1 --port {DASHBOARD_PORT}",
+            f"  watch the study:  optuna-dashboard {self.study_db} --host 127.0.0.1 --port {DASHBOARD_PORT}"
+            + ("  (password: PGPASSWORD or ~/.pgpass)" if self.study_db.startswith("postgresql") else ""),
             f"  curves:           tensorboard --logdir {self.run_dir}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
@@ -186,7 +187,7 @@ def summarize(
     summary = TuneSummary(
         name=config.name,
         run_dir=search.location,
-        study_db=safe_url(study_url),
+        study_db=public_url(study_url),
         metric=tc.metric,
         mode=tc.mode,
         trials=rows,

@@ -1,0 +1,26 @@
+"""``cliplung bench gpu --dry-run``: the GPU check runs its code at tiny sizes on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+from torch_threads import one_torch_thread  # noqa: F401 - autouse fixture
+
+from cliplung import cli
+
+
+def test_gpu_bench_dry_run_runs_every_section(capsys) -> None:
+    assert cli.main(["bench", "gpu", "--dry-run", "--json"]) == cli.EXIT_OK
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dry_run"] is True and report["device"].startswith("cpu")
+    for section in ("train_step", "text_path", "sync_debug", "predict", "data_path"):
+        assert section in report and "error" not in report[section], report.get(section)
+    step = report["train_step"]
+    assert step["precision"] == "bf16" and step["optimizer"] == "AdamW" and step["loss_finite"]
+    assert step["samples_per_s"] > 0 and step["gflop_per_step"] > 0
+    assert step["host_syncs_per_step"] == 0, step["host_sync_sites"]
+    assert {name: v["syncs"] for name, v in report["sync_debug"].items() if v["syncs"]} == {}
+    assert len(report["sync_debug"]) >= 10
+    assert report["text_path"]["train_flop_ratio"] > 1
+    assert report["predict"]["probabilities_finite"] and report["predict"]["patches_per_s"] > 0
+    assert report["data_path"]["status"].startswith("not measured")

@@ -28,13 +28,21 @@ from typing import Any, Literal
 
 import yaml
 
-from cliplung.labels import BINARY_CLASS_NAMES, CLASS_NAMES, task_class_names
+from cliplung.labels import (
+    BINARY_CLASS_NAMES,
+    CLASS_NAMES,
+    DEFAULT_UNSURE_RANGE,
+    MALIGNANCY_RANGE,
+    check_tasks,
+    task_class_names,
+)
 
 __all__ = [
     "AugmentConfig",
     "Config",
     "ConfigError",
     "DataConfig",
+    "EarlyStoppingConfig",
     "MetricsConfig",
     "ModelConfig",
     "PrepareConfig",
@@ -195,7 +203,16 @@ class DataConfig:
     store: str = "stores/phantom"
     """Nodule store path: a local directory or ``s3://bucket/prefix``."""
     task: Literal["3class", "2class"] = "3class"
-    """``3class``: benign / unsure / malignant; ``2class`` drops unsure nodules."""
+    """Classes the model is trained (and validated) on: ``3class``: benign / unsure / malignant;
+    ``2class`` drops unsure nodules."""
+    test_task: Literal["3class", "2class"] | None = None
+    """Classes the test fold is scored on (None: ``task``). ``2class`` with a ``3class`` model drops
+    the unsure test nodules and conditions the model's probabilities on "not unsure"
+    (:func:`cliplung.labels.map_probabilities`)."""
+    unsure_range: tuple[float, float] = DEFAULT_UNSURE_RANGE
+    """Label rule on mean reader malignancy m: benign m < low, unsure low <= m <= high, malignant
+    m > high. ``[3, 3]``: the CLIP-Lung paper's < 3 / = 3 / > 3 (the store's ``label`` array);
+    ``[2.5, 3.5]``: arXiv 2012.03480's < 2.5 / 2.5-3.5 / > 3.5. Applied when the store is read."""
     test_fold: int = 0
     """Fold held out for testing; touched only by ``cliplung evaluate``."""
     val_fraction: float = 0.15
@@ -212,6 +229,20 @@ class DataConfig:
             split_seed=(0, SEED_MAX, " (a 32-bit seed)"),
         )
         _check_choice(s, self, "task", ("3class", "2class"))
+        if self.test_task is not None:
+            _check_choice(s, self, "test_task", ("3class", "2class"))
+            problem = check_tasks(self.task, self.test_task)
+            if problem:
+                _fail(f"{s}.test_task", f"{problem} (data.task={self.task!r})")
+        lo, hi = self.unsure_range
+        m_lo, m_hi = MALIGNANCY_RANGE
+        if not m_lo <= lo <= hi <= m_hi:
+            _fail(
+                f"{s}.unsure_range",
+                f"must be [low, high] with {m_lo:g} <= low <= high <= {m_hi:g} (mean malignancy), "
+                f"got {list(self.unsure_range)!r}",
+            )
+        self.unsure_range = (float(lo), float(hi))
         _check_positive(s, self, "test_fold", allow_zero=True)
         if not 0.0 < self.val_fraction < 1.0:
             _fail(f"{s}.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
@@ -223,6 +254,15 @@ class DataConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def scored_task(self) -> str:
+        """The task the test fold is scored on: ``test_task``, else ``task``."""
+        return self.test_task or self.task
+
+    @property
+    def test_class_names(self) -> tuple[str, ...]:
+        return task_class_names(self.scored_task)
 
 
 @dataclass(kw_only=True)
@@ -241,6 +281,24 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         _check_numbers("train.augment", self)
         _check_positive("train.augment", self, "max_shift", "intensity_jitter", allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    """Stop a run when its validation metric stops improving: the metric and direction that
+    select its checkpoint (``train.checkpoint_metric``, ``train.checkpoint_mode``), so training
+    stops and the model is chosen by one rule. See :mod:`cliplung.train.early_stopping`."""
+
+    patience: int | None = None
+    """Stop after this many epochs in a row without an improvement (None: never, run all
+    ``train.epochs``)."""
+    min_delta: float = 0.0
+    """An epoch improves only when it beats the best value so far by more than this."""
+
+    def __post_init__(self) -> None:
+        s = "train.early_stopping"
+        _check_numbers(s, self, patience=(1, INT64_MAX, ""))
+        _check_positive(s, self, "min_delta", allow_zero=True)
 
 
 @dataclass(kw_only=True)
@@ -371,11 +429,14 @@ class TrainConfig:
     debug_nan_at_step: int | None = None
     """DEBUG AND TESTS ONLY: divergence injection, the training loss is NaN at this global step."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def __post_init__(self) -> None:
         s = "train"
         if isinstance(self.augment, dict):
             self.augment = _build(AugmentConfig, self.augment, f"{s}.augment")
+        if isinstance(self.early_stopping, dict):
+            self.early_stopping = _build(EarlyStoppingConfig, self.early_stopping, f"{s}.early_stopping")
         _check_numbers(s, self, seed=(0, SEED_MAX, " (a 32-bit seed)"))
         _check_choice(s, self, "optimizer", ("sgd", "adamw"))
         _check_choice(s, self, "zero_stage", (0, 1, 2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -287,40 +288,84 @@ def test_evaluate_refuses_a_leaky_run_and_a_store_of_another_patch_size(
 # ------------------------------------------------------------------ cross-validation
 
 
+def _history(values: list[float]) -> dict:
+    return {"epoch": list(range(len(values))), "val/macro_f1": values, "val/auc": values}
+
+
 def test_cross_validation_table_with_stand_in_training(
     tmp_path: Path, config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """cv's orchestration, isolation proof and tables, with ``train`` replaced by a stand-in that
-    leaves what a real run leaves (the real one is exercised by the slow test below)."""
+    """cv's orchestration, ablation configs, isolation proof, tables, paired statistics and
+    learning curves, with ``train`` replaced by a stand-in that leaves what a real run leaves
+    (the real one is exercised by the slow tests below)."""
     trained: list[Config] = []
 
-    def fake_train(cfg: Config, address=None):
+    def fake_train(cfg: Config, address=None, shared_data=None):
+        assert shared_data is None
         trained.append(cfg)
-        _fake_run(Path(cfg.storage.path), cfg, [0.4, 0.6])
+        run = _fake_run(Path(cfg.storage.path), cfg, [0.4, 0.6, 0.5])
+        state = json.loads((run / "epoch_0002" / "train_state.json").read_text())
+        state["early_stopping"] = {"stopped": cfg.model.method == "ce", "history": _history([0.4, 0.6, 0.5])}
+        (run / "epoch_0002" / "train_state.json").write_text(json.dumps(state))
 
     monkeypatch.setattr(cv_module, "_train", fake_train)
+    monkeypatch.setattr(cv_module, "_shared_data", lambda *a: None)
     cfg = apply_overrides(config, [f"storage.path={tmp_path / 'runs'}", "name=cmp"])
-    table = cv_module.compare(cfg, 2, ["ce", "cliplung"], out_dir=tmp_path / "cmp")
-    assert [(c.name, c.data.test_fold, c.model.method) for c in trained] == [
-        ("cmp-ce-fold0", 0, "ce"),
-        ("cmp-ce-fold1", 1, "ce"),
-        ("cmp-cliplung-fold0", 0, "cliplung"),
-        ("cmp-cliplung-fold1", 1, "cliplung"),
+    methods = ["ce", "cliplung-no-ic", "cliplung-rating"]
+    table = cv_module.compare(cfg, 2, methods, out_dir=tmp_path / "cmp")
+    assert [(c.name, c.data.test_fold) for c in trained] == [
+        (f"cmp-{m}-fold{k}", k) for m in methods for k in (0, 1)
     ]
+    by_name = {c.name: c.model for c in trained}
+    assert by_name["cmp-ce-fold0"].method == "ce"
+    assert (
+        by_name["cmp-cliplung-no-ic-fold1"].lambda_ic == 0
+        and by_name["cmp-cliplung-no-ic-fold1"].lambda_ia == 1
+    )
+    assert by_name["cmp-cliplung-rating-fold0"].attribute_prompts == "rating"
+    published = cv_module.fold_config(cfg, 0, "cliplung", tag_method=True)
+    assert published.name == "cmp-cliplung-fold0" and published.model.method == "cliplung"
+    assert published.model.attribute_prompts == "name" and published.model.lambda_ca == 0.5
     assert all(r["isolation"]["leaks"] == 0 and r["epoch"] == 1 for r in table.rows)
+    assert all(r["epochs_trained"] == 3 and r["stopped_early"] == (r["method"] == "ce") for r in table.rows)
     summary = table.summary()
     accs = [r["accuracy"] for r in table.rows if r["method"] == "ce"]
     assert summary["ce"]["accuracy"][:2] == pytest.approx((np.mean(accs), np.std(accs, ddof=1)))
-    md = (tmp_path / "cmp" / "compare_summary.md").read_text()
-    assert "| ce |" in md and "±" in md
-    assert (tmp_path / "cmp" / "compare_summary.csv").is_file()
-    assert _png_size(tmp_path / "cmp" / "compare_summary.png")[0] > 200
-    assert (tmp_path / "cmp" / "cmp-ce-fold1" / "report.html").is_file()
+    assert {"recall_benign", "recall_unsure", "f1_unsure"} <= set(table.metrics)
+
+    paired = table.paired()
+    assert set(paired) == {"cliplung-no-ic", "cliplung-rating"}
+    for results in paired.values():
+        assert [r.metric for r in results] == ["macro_f1", "auc", "f1_unsure"]
+        for r in results:  # the per-fold differences are those of the table's rows
+            method = next(m for m, res in paired.items() if res is results)
+            rows = {x["fold"]: x for x in table.rows if x["method"] == method}
+            base = {x["fold"]: x for x in table.rows if x["method"] == "ce"}
+            assert r.differences == pytest.approx([rows[k][r.metric] - base[k][r.metric] for k in (0, 1)])
+            assert r.ci_low <= r.mean <= r.ci_high or math.isnan(r.mean)
+    assert table.curves()["ce"] == [[0.4, 0.6, 0.5], [0.4, 0.6, 0.5]]
+
+    out = tmp_path / "cmp"
+    md = (out / "compare_summary.md").read_text()
+    assert "| ce |" in md and "±" in md and "Setting `3class`" in md
+    assert "Paired difference, method − ce" in md and "95 % paired bootstrap CI" in md
+    assert "| ce | 3* (2) | 3* (2) |" in md and "| cliplung-rating | 3 (2) | 3 (2) |" in md
+    for name in ("compare_summary.csv", "compare_folds.csv", "compare_paired.csv", "compare_curves.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "cv_summary.md").exists()
+    for name in ("compare_summary.png", "compare_paired.png", "compare_curves.png"):
+        assert _png_size(out / name)[0] > 200, name
+    folds_csv = (out / "compare_folds.csv").read_text().splitlines()
+    assert folds_csv[0].startswith("method,fold,run,checkpoint,epoch,epochs_trained,stopped_early,n,accuracy")
+    assert len(folds_csv) == 1 + 6
+    assert (out / "cmp-ce-fold1" / "report.html").is_file()
 
     with pytest.raises(ConfigError, match=r"has folds 0\.\.4"):
         cv_module.cross_validate(cfg, [7])
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['clip'\]"):
+        cv_module.compare(cfg, 2, ["ce", "clip"], out_dir=tmp_path / "x")
 
-    def leaky_train(cfg: Config, address=None):
+    def leaky_train(cfg: Config, address=None, shared_data=None):
         run = _fake_run(Path(cfg.storage.path), cfg, [0.5])
         splits = json.loads((run / "splits.json").read_text())
         splits["val_rows"].append(splits["test_rows"][-1])
@@ -329,6 +374,16 @@ def test_cross_validation_table_with_stand_in_training(
     monkeypatch.setattr(cv_module, "_train", leaky_train)
     with pytest.raises(SplitLeakError, match="val_rows"):
         cv_module.cross_validate(apply_overrides(cfg, ["name=leaky"]), [1], out_dir=tmp_path / "leaky")
+
+
+def test_methods_names_and_all() -> None:
+    assert cv_module.resolve_methods("all") == list(cv_module.VARIANTS)
+    assert len(cv_module.VARIANTS) == 8
+    assert cv_module.resolve_methods(" ce , cliplung-no-ia ") == ["ce", "cliplung-no-ia"]
+    with pytest.raises(ConfigError, match="named twice"):
+        cv_module.resolve_methods("ce,ce")
+    with pytest.raises(ConfigError, match="at least one"):
+        cv_module.resolve_methods(",")
 
 
 @pytest.mark.slow
@@ -442,3 +497,149 @@ def test_evaluate_two_class_drops_unsure_nodules(tmp_path: Path, config: Config,
     assert result["fold"] == 2 and result["class_names"] == ["benign", "malignant"]
     assert 0 < result["n"] < len(rows) and len(result["confusion_matrix"]) == 2
     assert _png_size(tmp_path / "r" / "roc.png")[0] > 200
+
+
+# ------------------------------------------------------------------ packed, shared runs
+
+
+@pytest.mark.slow
+def test_shared_split_data_is_what_each_run_would_read(synthetic_store, ray_session) -> None:
+    from cliplung.data.ingest import build_datasets, open_training_store
+    from cliplung.data.shared import SharedSplitData
+
+    cfg = load_config("debug", [f"data.store={synthetic_store.path}", "data.unsure_range=[2.5, 3.5]"])
+    store, splits = open_training_store(cfg)
+    shared = SharedSplitData(cfg, store, splits)
+    own = build_datasets(cfg, store, splits)
+    for name in ("train", "val"):
+        a = shared.datasets_for(cfg, splits)[name].take_all()
+        # Without preserve_order (training sets it) the reads may finish in any order.
+        b = sorted(own[name].take_all(), key=lambda r: r["index"])
+        assert [r["index"] for r in a] == [r["index"] for r in b] == getattr(splits, name).tolist()
+        for x, y in zip(a, b, strict=True):
+            assert x["label"] == y["label"]
+            np.testing.assert_array_equal(x["patches"], y["patches"])
+            np.testing.assert_array_equal(x["attributes"], y["attributes"])
+    other = apply_overrides(cfg, ["data.test_fold=1"])
+    _, other_splits = open_training_store(other)
+    with pytest.raises(ValueError, match="another split"):
+        shared.datasets_for(other, other_splits)
+    with pytest.raises(ValueError, match="another split"):
+        shared.datasets_for(apply_overrides(cfg, ["data.unsure_range=[3, 3]"]), splits)
+
+
+@pytest.mark.slow
+def test_compare_packs_one_worker_runs_with_early_stopping(
+    tmp_path: Path, store_path: str, ray_session
+) -> None:
+    """Real training: 2 folds x 2 methods, 1-worker runs two at a time on one Ray cluster, each
+    fold's data read once, early stopping; the table has its epochs, curves and paired rows."""
+    cfg = load_config(
+        "debug",
+        [
+            f"data.store={store_path}",
+            f"storage.path={tmp_path / 'runs'}",
+            "name=pack",
+            "train.epochs=3",
+            "train.workers=1",
+            "train.early_stopping.patience=1",
+            "train.early_stopping.min_delta=1.0",
+            "metrics.enabled=false",
+        ],
+    )
+    table = cv_module.compare(
+        cfg, [0, 1], ["ce", "cliplung-no-ca"], out_dir=tmp_path / "out", parallel=2, address=ray_session
+    )
+    assert len(table.rows) == 4
+    assert all(r["epochs_trained"] == 2 and r["stopped_early"] for r in table.rows)
+    assert all(len(c) == 2 for runs in table.curves().values() for c in runs)
+    [results] = table.paired().values()
+    assert all(len(r.differences) == 2 for r in results)
+    md = (tmp_path / "out" / "compare_summary.md").read_text()
+    assert re.search(r"\| cliplung-no-ca \| 2\* \([12]\) \| 2\* \([12]\) \|", md), md
+    assert _png_size(tmp_path / "out" / "compare_curves.png")[0] > 200
+
+
+# ------------------------------------------------------------------ pictures and flags
+
+
+def test_attention_overlay_keeps_the_ct_readable() -> None:
+    from matplotlib import colormaps
+
+    from cliplung.evaluate.report import ATTENTION_CMAP, ATTENTION_MAX_ALPHA, _overlay
+
+    cam = np.array([[0.0, 0.25], [0.5, 1.0]])
+    rgba = _overlay(cam)
+    assert ATTENTION_CMAP in ("inferno", "magma", "viridis", "plasma", "cividis")  # perceptually uniform
+    np.testing.assert_allclose(rgba[..., 3], ATTENTION_MAX_ALPHA * cam)  # no map: fully transparent
+    np.testing.assert_allclose(rgba[1, 1, :3], colormaps[ATTENTION_CMAP](1.0)[:3])
+    assert ATTENTION_MAX_ALPHA < 1
+
+
+def test_attention_figure_shows_the_plain_slice_beside_the_overlay(monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.axes import Axes
+
+    from cliplung.evaluate import report
+
+    shown: list[tuple[str, object]] = []
+    original = Axes.imshow
+
+    def spy(self, data, *args, **kwargs):
+        shown.append((kwargs.get("cmap"), np.asarray(data).shape))
+        return original(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", spy)
+    slices = np.random.default_rng(0).random((2, 16, 16))
+    cams = np.zeros((2, 16, 16))
+    cams[:, 4:8, 4:8] = 1.0
+    png = report.attention_figure(
+        slices, cams, ["a", "b"], [0, 2], ("benign", "unsure", "malignant"), window="HU"
+    )
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # Per nodule: the grey slice twice (plain, under the map) and one RGBA overlay, never "jet".
+    assert [c for c, _ in shown] == ["gray", "gray", None] * 2
+    assert [s for _, s in shown][2] == (16, 16, 4)
+
+
+def test_montage_title_names_the_store_not_its_path(tmp_path: Path, store_path: str, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    from cliplung.data.inspect import inspect_store
+
+    titles: list[str] = []
+    original = Figure.suptitle
+
+    def spy(self, text, *args, **kwargs):
+        titles.append(text)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "suptitle", spy)
+    inspect_store(store_path, png_out=str(tmp_path / "m.png"))
+    assert titles == ["synthetic (synthetic)"] and str(tmp_path) not in titles[0]
+
+
+def test_cv_flags_setting_early_stopping_methods(
+    tmp_path: Path, store_path: str, capsys, monkeypatch
+) -> None:
+    seen = {}
+
+    def fake_compare(config, folds, methods, **kwargs):
+        seen.update(config=config, folds=folds, methods=methods, parallel=kwargs["parallel"])
+        return cv_module.CVTable(rows=[], metrics=())
+
+    monkeypatch.setattr(cv_module, "compare", fake_compare)
+    base = ["compare", "--data", store_path, "--storage", str(tmp_path / "r"), "--out", str(tmp_path / "o")]
+    argv = [*base, "--setting", "band-3class-test2", "--early-stopping", "4,0.005", "--methods", "all"]
+    assert _cli([*argv, "--workers", "1", "--parallel", "3", "--epochs", "30"]) == 0
+    cfg = seen["config"]
+    assert cfg.data.unsure_range == (2.5, 3.5) and (cfg.data.task, cfg.data.test_task) == ("3class", "2class")
+    assert (cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta) == (4, 0.005)
+    assert cfg.train.workers == 1 and cfg.train.epochs == 30 and seen["parallel"] == 3
+    assert seen["methods"] == list(cv_module.VARIANTS)
+    capsys.readouterr()
+    assert _cli([*base, "--methods", "ce,bogus"]) == 2
+    assert "unknown method(s) ['bogus']" in capsys.readouterr().err
+    for bad in (["--early-stopping", "0"], ["--early-stopping", "3,x"], ["--setting", "4class"]):
+        with pytest.raises(SystemExit) as exc:
+            _cli([*base, *bad])
+        assert exc.value.code == 2

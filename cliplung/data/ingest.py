@@ -13,7 +13,9 @@ Splits (all patient-level, so a patient's nodules are never on both sides of a s
   for model selection every epoch.
 * **train**: everything else.
 
-For the 2-class task unsure nodules (label 1) are dropped and malignant becomes label 1.
+Labels come from each nodule's mean malignancy under ``data.unsure_range`` (:mod:`cliplung.labels`).
+Training and validation rows are those of ``data.task`` (``2class`` drops unsure nodules and
+malignant becomes label 1); the test rows are those of ``data.test_task`` (default: the same).
 
 Sharding: :class:`DeterministicShards` gives every Ray Train worker an equal, fixed share of the
 training rows (``Dataset.split(equal=True)``) instead of Train's default ``streaming_split``,
@@ -37,7 +39,7 @@ from ray.data.datasource import ReadTask
 from cliplung.config import Config, ConfigError, DataConfig
 from cliplung.data.preprocessing import check_preprocessing, store_preprocessing
 from cliplung.data.store import NoduleStore
-from cliplung.labels import task_labels, task_rows
+from cliplung.labels import DEFAULT_UNSURE_RANGE, store_labels, task_labels, task_rows
 
 __all__ = [
     "DeterministicShards",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 # Columns each row carries into training; patches are float32 (D, H, W) in [0, 1].
-ROW_FIELDS = ("patches", "label", "attributes")
+ROW_FIELDS = ("patches", "malignancy", "attributes")
 
 
 @dataclass(frozen=True)
@@ -88,17 +90,17 @@ class Splits:
 
 def compute_splits(store: NoduleStore, data: DataConfig) -> Splits:
     """Patient-level train / val / test row indices for ``data`` (see the module docstring)."""
-    meta = store.read_rows(0, store.num_nodules, fields=("fold", "patient_id", "label"))
+    meta = store.read_rows(0, store.num_nodules, fields=("fold", "patient_id", "malignancy"))
     folds = np.asarray(meta["fold"]).astype(np.int64)
     patients = np.asarray(meta["patient_id"]).astype(str)
-    labels = np.asarray(meta["label"]).astype(np.int64)
+    labels = store_labels(meta, data.unsure_range)
     n_folds = int(folds.max()) + 1 if len(folds) else 0
     if not 0 <= data.test_fold < n_folds:
         raise ConfigError(
             f"data.test_fold: store {store.path} has folds 0..{n_folds - 1}, got {data.test_fold}"
         )
     keep = task_rows(labels, data.task)
-    test_mask = keep & (folds == data.test_fold)
+    test_mask = task_rows(labels, data.scored_task) & (folds == data.test_fold)
     rest = keep & (folds != data.test_fold)
     rest_patients = np.unique(patients[rest])
     rng = np.random.default_rng(data.split_seed)
@@ -130,8 +132,9 @@ def _runs(indices: np.ndarray, max_rows: int) -> list[np.ndarray]:
 class NoduleDatasource(Datasource):
     """A Ray Data datasource yielding one row per nodule for the given store rows.
 
-    Rows carry ``patches`` (float32, D x H x W), ``label`` (int64, remapped for the 2-class
-    task), ``attributes`` (float32, 8 mean reader ratings) and ``index`` (the store row).
+    Rows carry ``patches`` (float32, D x H x W), ``label`` (int64: the rule of ``unsure_range``
+    on the stored mean malignancy, remapped for the 2-class task), ``attributes`` (float32, 8 mean
+    reader ratings) and ``index`` (the store row).
     ``store`` is an open :class:`NoduleStore` or a path (opened here, on the driver): every read
     task reads that store's version, even if the store is replaced while the dataset is read, and
     each task reads one contiguous row range, i.e. a few whole shards. Store reads retry transient
@@ -147,10 +150,12 @@ class NoduleDatasource(Datasource):
         *,
         endpoint: str | None = None,
         task: str,
+        unsure_range: tuple[float, float] = DEFAULT_UNSURE_RANGE,
         rows_per_task: int = 256,
     ) -> None:
         super().__init__()
         self._store = store if isinstance(store, NoduleStore) else NoduleStore.open(store, endpoint=endpoint)
+        self._unsure_range = tuple(unsure_range)
         self._indices = np.asarray(indices, dtype=np.int64)
         self._task = task
         self._rows_per_task = rows_per_task
@@ -167,7 +172,7 @@ class NoduleDatasource(Datasource):
         per_task = max(1, min(self._rows_per_task, -(-len(self._indices) // max(1, parallelism))))
         return [
             ReadTask(
-                functools.partial(_read_rows, self._store, self._task, piece),
+                functools.partial(_read_rows, self._store, self._task, self._unsure_range, piece),
                 BlockMetadata(num_rows=len(piece), size_bytes=None, input_files=None, exec_stats=None),
                 per_task_row_limit=per_task_row_limit,
             )
@@ -175,11 +180,11 @@ class NoduleDatasource(Datasource):
         ]
 
 
-def _read_rows(store: NoduleStore, task: str, piece: np.ndarray):
+def _read_rows(store: NoduleStore, task: str, unsure_range, piece: np.ndarray):
     # ``store`` arrives pickled: pinned to the driver's version, opened lazily in this task.
     rows = store.read_rows(int(piece[0]), int(piece[-1]) + 1, fields=ROW_FIELDS)
     local = piece - piece[0]
-    label = task_labels(np.asarray(rows["label"])[local], task)
+    label = task_labels(store_labels(rows, unsure_range)[local], task)
     yield BlockAccessor.batch_to_block(
         {
             "patches": np.asarray(rows["patches"])[local].astype(np.float32),
@@ -221,7 +226,9 @@ def build_datasets(config: Config, store: NoduleStore, splits: Splits) -> dict[s
     """
     return {
         name: ray.data.read_datasource(
-            NoduleDatasource(store, getattr(splits, name), task=config.data.task),
+            NoduleDatasource(
+                store, getattr(splits, name), task=config.data.task, unsure_range=config.data.unsure_range
+            ),
             num_cpus=0,
             concurrency=READ_CONCURRENCY,
         )

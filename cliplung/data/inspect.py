@@ -127,7 +127,8 @@ def _montage(store: NoduleStore, labels: np.ndarray, png_out: str) -> None:
                 ax.set_title(str(patches["nodule_id"][s]), fontsize=6)
             if s == 0:
                 ax.set_ylabel(f"{name} ({len(rows)})", fontsize=8)
-    title = f"{store.path} ({store.attrs.get('source')})"
+    # The store's name, not its path: a figure is shared, and a path says who made it where.
+    title = f"{store.path.rstrip('/').rsplit('/', 1)[-1]} ({store.attrs.get('source')})"
     if store.attrs.get("simulated"):
         title += ": simulated intensities, not LIDC images"
     fig.suptitle(title, fontsize=8)

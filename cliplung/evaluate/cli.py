@@ -22,6 +22,7 @@ CV_FLAGS = {
     "storage_endpoint": "storage.endpoint",
     "name": "name",
     "epochs": "train.epochs",
+    "workers": "train.workers",
 }
 
 
@@ -54,7 +55,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cv_config(args: argparse.Namespace):
-    return config_from_args(args, CV_FLAGS)
+    from cliplung.labels import SETTINGS
+
+    extra: dict = {}
+    if args.setting:
+        chosen = SETTINGS[args.setting]
+        extra.update(
+            {
+                "data.unsure_range": chosen.unsure_range,
+                "data.task": chosen.task,
+                "data.test_task": chosen.test_task,
+            }
+        )
+    if args.early_stopping:
+        patience, min_delta = args.early_stopping
+        extra["train.early_stopping.patience"] = patience
+        extra["train.early_stopping.min_delta"] = min_delta
+    return config_from_args(args, CV_FLAGS, extra)
+
+
+def _early_stopping(text: str) -> tuple[int, float]:
+    """``PATIENCE`` or ``PATIENCE,MIN_DELTA``."""
+    parts = text.split(",")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        patience = int(parts[0])
+        min_delta = float(parts[1]) if len(parts) == 2 else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected PATIENCE or PATIENCE,MIN_DELTA (e.g. 5 or 5,0.005), got {text!r}"
+        ) from None
+    if patience < 1 or not min_delta >= 0 or min_delta == float("inf"):
+        raise argparse.ArgumentTypeError(f"patience must be >= 1 and min delta a number >= 0, got {text!r}")
+    return patience, min_delta
 
 
 def _folds(text: str) -> int | list[int]:
@@ -79,17 +113,18 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cliplung.evaluate.cv import compare
+    from cliplung.evaluate.cv import compare, resolve_methods
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        return _bad("compare", "--methods: name at least one method")
+    methods = resolve_methods(args.methods)
     config = _cv_config(args)
     table = compare(
         config, args.folds, methods, out_dir=args.out, address=args.address, parallel=args.parallel
     )
     print(table.to_markdown())
-    print(f"table: {args.out}/compare_summary.md, chart: {args.out}/compare_summary.png")
+    print(
+        f"tables: {args.out}/compare_summary.md; charts: {args.out}/compare_summary.png, "
+        f"{args.out}/compare_paired.png, {args.out}/compare_curves.png"
+    )
     return EXIT_OK
 
 
@@ -131,6 +166,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_cv_args(p: argparse.ArgumentParser) -> None:
+    from cliplung.labels import SETTINGS
+
     add_config_args(p)
     p.add_argument("--data", required=True, help="nodule store (directory or s3://bucket/prefix)")
     p.add_argument(
@@ -141,9 +178,24 @@ def _add_cv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--name", help="base run name; fold k trains as NAME-fold<k> (compare: NAME-<method>-fold<k>)"
     )
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--epochs", type=int, help="override train.epochs (with --early-stopping: the most)")
+    p.add_argument("--workers", type=int, help="override train.workers (1 packs several runs at once)")
     p.add_argument(
-        "--parallel", type=int, default=1, help="folds trained at once, each a Ray task (default 1)"
+        "--setting",
+        choices=sorted(SETTINGS),
+        help="dataset setting: label rule, training and test classes (default: the config's; "
+        + "; ".join(f"{name}: {s.description}" for name, s in SETTINGS.items())
+        + ")",
+    )
+    p.add_argument(
+        "--early-stopping",
+        type=_early_stopping,
+        metavar="PATIENCE[,MIN_DELTA]",
+        help="stop a run after PATIENCE epochs without a validation gain > MIN_DELTA (default 0) in "
+        "train.checkpoint_metric (sets train.early_stopping)",
+    )
+    p.add_argument(
+        "--parallel", type=int, default=1, help="runs trained at once, each a Ray task (default 1)"
     )
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else an embedded Ray)")
 
@@ -173,7 +225,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare", help="cross-validate several methods on the same folds; table + chart"
     )
     _add_cv_args(p)
-    p.add_argument("--methods", default="ce,coop,cocoop,cliplung", help="comma-separated (default all four)")
+    p.add_argument(
+        "--methods",
+        default="ce,coop,cocoop,cliplung",
+        help="comma-separated, or all: ce, coop, cocoop, cliplung and the ablations cliplung-no-ic, "
+        "cliplung-no-ca, cliplung-no-ia (that loss weight 0), cliplung-rating (rating attribute prompts); "
+        "default ce,coop,cocoop,cliplung",
+    )
     p.add_argument("--out", required=True, help="directory for the table, chart and per-run reports")
     p.set_defaults(func=cmd_compare)
 

@@ -10,7 +10,11 @@ metric, never a test one; or the ``model.pt`` / checkpoint directory named), loa
 :mod:`cliplung.evaluate.checkpoints` (inference export only, ``weights_only=True``).
 
 **Which rows**: the nodules of fold ``K`` (default: the checkpoint config's ``data.test_fold``,
-the fold its training never saw), as the task defines them (:mod:`cliplung.labels`). When the
+the fold its training never saw), labelled by the config's ``data.unsure_range`` and kept as its
+test task defines them (``data.test_task``, default ``data.task``; :mod:`cliplung.labels`). A
+3-class model scored on 2 classes has its probabilities conditioned on "not unsure"
+(:func:`cliplung.labels.map_probabilities`); ``predictions.csv`` then also keeps the model's own
+three (``model_p_*``). When the
 run's ``splits.json`` is at hand the rows are checked against it (:mod:`cliplung.evaluate.splits`).
 Evaluating a fold other than the model's test fold is allowed but marked ``"held_out": false``.
 
@@ -41,6 +45,7 @@ from cliplung.data.store import NoduleStore, StoreError
 from cliplung.evaluate.checkpoints import CheckpointError, load_checkpoint, open_checkpoint
 from cliplung.evaluate.metrics import ECE_BINS, compute_metrics
 from cliplung.evaluate.splits import SplitLeakError, fold_rows, split_check
+from cliplung.labels import describe_rule, map_probabilities, setting_name
 
 __all__ = [
     "CheckpointError",
@@ -107,13 +112,30 @@ def _attention_rows(labels: np.ndarray, probs: np.ndarray, per_class: int) -> li
 
 
 def _write_predictions(
-    path: Path, store: NoduleStore, rows: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names
+    path: Path,
+    store: NoduleStore,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names,
+    model_probs: np.ndarray | None = None,
+    model_class_names=(),
 ) -> None:
+    """One row per nodule; ``model_p_*`` columns when the scored probabilities are mapped ones."""
     ids = store.read(("nodule_id", "patient_id"), indices=rows)
+    raw = model_probs is not None
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["row", "nodule_id", "patient_id", "label", "predicted", *[f"p_{n}" for n in class_names]]
+            [
+                "row",
+                "nodule_id",
+                "patient_id",
+                "label",
+                "predicted",
+                *[f"p_{n}" for n in class_names],
+                *([f"model_p_{n}" for n in model_class_names] if raw else []),
+            ]
         )
         for i, r in enumerate(rows.tolist()):
             writer.writerow(
@@ -124,13 +146,17 @@ def _write_predictions(
                     class_names[labels[i]],
                     class_names[int(probs[i].argmax())],
                     *[f"{p:.6f}" for p in probs[i]],
+                    *([f"{p:.6f}" for p in model_probs[i]] if raw else []),
                 ]
             )
 
 
-def _report_images(model, store, rows, labels, probs, patches, class_names, metrics, per_class: int):
+def _report_images(
+    model, store, rows, labels, probs, patches, class_names, metrics, per_class: int, model_class_names
+):
     """The report's figures (confusion matrix, ROC, reliability, Grad-CAM of the clearest cases)
-    and the attention record for ``metrics.json``."""
+    and the attention record for ``metrics.json``. Grad-CAM explains the model's own predicted
+    class (``model_class_names``), which may be "unsure" when the test task has two classes."""
     from cliplung.evaluate import report
     from cliplung.evaluate.attention import axial_cams, grad_cam, middle_axial_slice
 
@@ -139,7 +165,8 @@ def _report_images(model, store, rows, labels, probs, patches, class_names, metr
     slices = np.stack([middle_axial_slice(p) for p in patches[picks]]) if picks else np.zeros((0, 1, 1))
     ids = store.read(("nodule_id",), indices=rows[picks])["nodule_id"] if picks else []
     captions = [
-        f"{ids[i]}\ntrue {class_names[labels[p]]}, pred {class_names[targets[i]]} ({probs[p, targets[i]]:.2f})"
+        f"{ids[i]}\ntrue {class_names[labels[p]]}, pred {model_class_names[targets[i]]}"
+        + (f" ({probs[p, targets[i]]:.2f})" if model_class_names == tuple(class_names) else "")
         for i, p in enumerate(picks)
     ]
     images = {
@@ -147,10 +174,22 @@ def _report_images(model, store, rows, labels, probs, patches, class_names, metr
         "roc": report.roc_figure(labels, probs, class_names),
         "reliability": report.reliability_figure(metrics["reliability"], metrics["ece"]),
         "attention": report.attention_figure(
-            slices, axial_cams(cams), captions, [int(labels[p]) for p in picks], class_names
+            slices,
+            axial_cams(cams),
+            captions,
+            [int(labels[p]) for p in picks],
+            class_names,
+            window=_window_text(store),
         ),
     }
     return images, [str(i) for i in ids]
+
+
+def _window_text(store: NoduleStore) -> str | None:
+    window = store.attrs.get("hu_window")
+    if not isinstance(window, list | tuple) or len(window) != 2:
+        return None
+    return f"HU {float(window[0]):g} (black) to {float(window[1]):g} (white)"
 
 
 def _test_rows(store: NoduleStore, config: Config, fold: int | None, model_path: str):
@@ -163,10 +202,10 @@ def _test_rows(store: NoduleStore, config: Config, fold: int | None, model_path:
             f"{config.data.test_fold}: fold {test_fold} was training data, these are not test results",
             file=sys.stderr,
         )
-    rows, labels = fold_rows(store, test_fold, config.data.task)
+    rows, labels = fold_rows(store, test_fold, config.data.scored_task, config.data.unsure_range)
     if len(rows) == 0:
         raise StoreError(
-            f"store {store.path}: fold {test_fold} has no nodules for the {config.data.task} task"
+            f"store {store.path}: fold {test_fold} has no nodules for the {config.data.scored_task} task"
         )
     return test_fold, held_out, rows, labels
 
@@ -198,9 +237,12 @@ def evaluate(
     )
     test_fold, held_out, rows, labels = _test_rows(store, config, fold, choice.model_path)
     isolation = split_check(choice, store, test_fold, rows, held_out)
-    class_names = config.data.class_names
+    data = config.data
+    class_names, model_class_names = data.test_class_names, data.class_names
     patches = read_patches(store, rows)
-    probs = predict_probabilities(model, patches, batch_size=batch_size)
+    model_probs = predict_probabilities(model, patches, batch_size=batch_size)
+    probs = map_probabilities(model_probs, data.task, data.scored_task)
+    mapped = data.scored_task != data.task
     metrics = compute_metrics(labels, probs, class_names, n_bins=n_bins)
     result: dict[str, Any] = {
         "checkpoint": choice.model_path,
@@ -211,7 +253,15 @@ def evaluate(
         "fold": test_fold,
         "held_out": held_out,
         "split_check": isolation,
-        "task": config.data.task,
+        "task": data.scored_task,
+        "train_task": data.task,
+        "setting": setting_name(data.unsure_range, data.task, data.scored_task),
+        "label_rule": describe_rule(data.unsure_range),
+        "probabilities": (
+            "the model's 3 conditioned on not unsure: p(malignant) / (p(benign) + p(malignant))"
+            if mapped
+            else "the model's own"
+        ),
         "method": config.model.method,
         "image_encoder": config.model.image_encoder,
         "class_names": list(class_names),
@@ -219,9 +269,27 @@ def evaluate(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out / "predictions.csv", store, rows, labels, probs, class_names)
+    _write_predictions(
+        out / "predictions.csv",
+        store,
+        rows,
+        labels,
+        probs,
+        class_names,
+        model_probs if mapped else None,
+        model_class_names,
+    )
     images, attended = _report_images(
-        model, store, rows, labels, probs, patches, class_names, metrics, attention_per_class
+        model,
+        store,
+        rows,
+        labels,
+        probs,
+        patches,
+        class_names,
+        metrics,
+        attention_per_class,
+        model_class_names,
     )
     result["attention"] = {
         "method": "Grad-CAM of the image encoder's layer 4 for the predicted class",

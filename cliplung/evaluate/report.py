@@ -21,7 +21,9 @@ import numpy as np
 __all__ = [
     "attention_figure",
     "confusion_figure",
+    "learning_curves_figure",
     "metric_bars_figure",
+    "paired_figure",
     "reliability_figure",
     "roc_figure",
     "write_report",
@@ -143,36 +145,152 @@ def reliability_figure(bins: Sequence[Mapping[str, Any]], ece: float | None) -> 
     return _png(fig)
 
 
+ATTENTION_CMAP = "inferno"
+"""Perceptually uniform (lightness rises steadily with the value), readable in greyscale print and
+by colour-blind readers; unlike ``jet`` it has no bright bands that look like structure."""
+ATTENTION_MAX_ALPHA = 0.6
+"""Opacity of the strongest Grad-CAM value; weaker values fade out, so the CT stays readable."""
+
+
+def _overlay(cam: np.ndarray) -> np.ndarray:
+    """RGBA image of a [0, 1] map: colour from :data:`ATTENTION_CMAP`, opacity rising with the value."""
+    from matplotlib import colormaps
+
+    cam = np.clip(np.asarray(cam, dtype=np.float64), 0.0, 1.0)
+    rgba = colormaps[ATTENTION_CMAP](cam)
+    rgba[..., 3] = ATTENTION_MAX_ALPHA * cam
+    return rgba
+
+
 def attention_figure(
     slices: np.ndarray,
     cams: np.ndarray,
     captions: Sequence[str],
     classes: Sequence[int],
     class_names: Sequence[str],
+    *,
+    window: str | None = None,
 ) -> bytes:
-    """One row per true class: middle axial slice (grey) with its Grad-CAM (jet, 40 %) on top."""
+    """One row per true class; per nodule two panels: the plain middle axial slice (grey, the
+    store's HU window) and the same slice with its Grad-CAM as a semi-transparent overlay
+    (:data:`ATTENTION_CMAP`, opacity rising with the map, a contour at half the peak), with a
+    colour bar for the map."""
     slices = np.asarray(slices)
     by_class = {c: [i for i, k in enumerate(classes) if k == c] for c in range(len(class_names))}
-    cols = max([len(v) for v in by_class.values()] + [1])
+    per_row = max([len(v) for v in by_class.values()] + [1])
     rows = len(class_names)
-    fig = _figure(2.0 * cols + 0.4, 2.25 * rows)
-    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
-    for r, c in enumerate(range(len(class_names))):
-        for col in range(cols):
-            ax = axes[r, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col >= len(by_class[c]):
-                ax.axis("off")
-                if col == 0:
-                    ax.text(0.5, 0.5, f"no {class_names[c]} nodule", ha="center", va="center", fontsize=8)
+    fig = _figure(3.1 * per_row + 0.9, 1.9 * rows + 0.6)
+    axes = np.atleast_2d(fig.subplots(rows, 2 * per_row, squeeze=False))
+    for c in range(rows):
+        for n in range(per_row):
+            plain, over = axes[c, 2 * n], axes[c, 2 * n + 1]
+            for ax in (plain, over):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if n >= len(by_class[c]):
+                plain.axis("off")
+                over.axis("off")
+                if n == 0:
+                    plain.text(0.5, 0.5, f"no {class_names[c]} nodule", ha="center", va="center", fontsize=8)
                 continue
-            i = by_class[c][col]
-            ax.imshow(slices[i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.imshow(cams[i], cmap="jet", alpha=0.4, vmin=0, vmax=1, interpolation="bilinear")
-            ax.set_title(captions[i], fontsize=6.5)
-        axes[r, 0].set_ylabel(class_names[c], fontsize=9)
-    fig.suptitle("Grad-CAM (layer 4) on the middle axial slice", fontsize=9)
+            i = by_class[c][n]
+            for ax in (plain, over):
+                ax.imshow(slices[i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            over.imshow(_overlay(cams[i]), interpolation="bilinear")
+            if float(np.max(cams[i])) > 0.5:
+                over.contour(cams[i], levels=[0.5], colors="cyan", linewidths=0.6)
+            plain.set_title(captions[i], fontsize=6.5, loc="left")
+            over.set_title("Grad-CAM", fontsize=6.5)
+        axes[c, 0].set_ylabel(class_names[c], fontsize=9)
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    mappable = ScalarMappable(Normalize(0, 1), colormaps[ATTENTION_CMAP])
+    bar = fig.colorbar(mappable, ax=axes, shrink=0.6, aspect=30, pad=0.01)
+    bar.set_label("Grad-CAM (share of peak)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    title = "Middle axial slice, plain and with Grad-CAM (layer 4) of the predicted class"
+    if window:
+        title += f"; grey: {window}"
+    fig.suptitle(title + "; cyan contour: half of the peak", fontsize=8)
+    return _png(fig)
+
+
+def learning_curves_figure(
+    curves: Mapping[str, Sequence[Sequence[float | None]]],
+    metric: str,
+    stops: Mapping[str, Sequence[int | None]] | None = None,
+) -> bytes:
+    """One panel per method: each fold's validation ``metric`` by epoch (thin), their mean over the
+    folds still training at that epoch (bold), and the epochs the folds stopped at (ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    methods = list(curves)
+    cols = min(4, max(1, len(methods)))
+    rows = -(-len(methods) // cols) if methods else 1
+    fig = _figure(2.7 * cols + 0.3, 2.2 * rows + 0.5)
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True))
+    longest = max([len(c) for runs in curves.values() for c in runs] + [1])
+    for ax in axes.flat[len(methods) :]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, methods, strict=False):
+        runs = [np.array([np.nan if v is None else v for v in c], dtype=float) for c in curves[method]]
+        grid = np.full((len(runs), longest), np.nan)
+        for r, values in enumerate(runs):
+            grid[r, : len(values)] = values
+            ax.plot(np.arange(1, len(values) + 1), values, color="0.65", linewidth=0.7)
+        counts = np.isfinite(grid).sum(axis=0)
+        with np.errstate(invalid="ignore"):
+            mean = np.where(counts > 0, np.nansum(grid, axis=0) / np.maximum(counts, 1), np.nan)
+        ax.plot(np.arange(1, longest + 1), mean, color="tab:blue", linewidth=1.8, label="mean over folds")
+        for stop in (stops or {}).get(method, []):
+            if stop:
+                ax.axvline(stop, color="tab:red", linewidth=0.6, alpha=0.5)
+        ax.set_title(method, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(metric, fontsize=7)
+    fig.suptitle(
+        f"Learning curves: validation {metric} per fold (grey), mean over the folds still training (blue), "
+        "last epoch of each fold (red)",
+        fontsize=8,
+    )
+    return _png(fig)
+
+
+def paired_figure(paired: Mapping[str, Sequence[Any]], baseline: str) -> bytes:
+    """One panel per metric: each method's mean difference to ``baseline`` over folds (dot), its 95 %
+    paired bootstrap interval (bar) and the per-fold differences (grey points)."""
+    methods = list(paired)
+    metrics = [r.metric for r in next(iter(paired.values()))] if methods else []
+    fig = _figure(2.9 * max(1, len(metrics)) + 0.8, 0.45 * len(methods) + 1.3)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(metrics)), squeeze=False, sharey=True)[0])
+    y = np.arange(len(methods))[::-1]
+    for ax, m in zip(axes, range(len(metrics)), strict=False):
+        for yi, method in zip(y, methods, strict=True):
+            r = paired[method][m]
+            d = [v for v in r.differences if math.isfinite(v)]
+            ax.scatter(d, [yi] * len(d), s=9, color="0.6", zorder=2)
+            if math.isfinite(r.mean):
+                low, high = r.ci_low, r.ci_high
+                if math.isfinite(low) and math.isfinite(high):
+                    ax.plot([low, high], [yi, yi], color="tab:blue", linewidth=2.2, zorder=3)
+                ax.scatter([r.mean], [yi], s=26, color="tab:blue", zorder=4)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{metrics[m]}: method − {baseline}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, methods, fontsize=8)
+    fig.suptitle(
+        "Paired difference to the baseline: mean over folds (dot), 95 % paired bootstrap CI (bar), "
+        "per-fold differences (grey)",
+        fontsize=8,
+    )
     return _png(fig)
 
 
@@ -281,8 +399,10 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any], images: Mappin
     if "attention" in images:
         parts += [
             "<h2>Attention maps</h2>",
-            "<p>Grad-CAM of the image encoder's layer 4 for the predicted class, over each nodule's middle "
-            "axial slice; per true class, the nodules the model rates most likely for their own class. "
+            "<p>Grad-CAM of the image encoder's layer 4 for the predicted class, drawn over each nodule's "
+            "middle axial slice (right of each pair; the plain slice left of it), with opacity rising "
+            "with the map so the CT stays visible; per true class, the nodules the model rates most "
+            "likely for their own class. "
             + (
                 "The 2D encoder reads the slices as channels, so its map is in-plane only (one map for "
                 "the whole patch)."

@@ -15,7 +15,7 @@ import numpy as np
 from cliplung import storage as storage_lib
 from cliplung.config import ConfigError
 from cliplung.data.store import NoduleStore
-from cliplung.labels import task_labels, task_rows
+from cliplung.labels import DEFAULT_UNSURE_RANGE, store_labels, task_labels, task_rows
 from cliplung.runs import SPLITS_FILE, CheckpointChoice
 
 __all__ = ["SplitLeakError", "check_split_isolation", "fold_rows", "split_check"]
@@ -25,15 +25,18 @@ class SplitLeakError(RuntimeError):
     """A test-fold nodule or patient took part in training or validation."""
 
 
-def fold_rows(store: NoduleStore, fold: int, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """Store rows of fold ``fold`` and their labels as the task's class indices.
+def fold_rows(
+    store: NoduleStore, fold: int, task: str, unsure_range: tuple[float, float] = DEFAULT_UNSURE_RANGE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Store rows of fold ``fold`` and their labels as the task's class indices, under the label
+    rule of ``unsure_range``.
 
-    ``2class`` drops unsure nodules (label 1) and maps malignant (2) to 1, exactly as the test split
-    of :func:`cliplung.data.ingest.compute_splits` and its datasource do.
+    ``2class`` drops unsure nodules and maps malignant to 1, exactly as the test split of
+    :func:`cliplung.data.ingest.compute_splits` and its datasource do.
     """
-    meta = store.read_rows(0, store.num_nodules, fields=("fold", "label"))
+    meta = store.read_rows(0, store.num_nodules, fields=("fold", "malignancy"))
     folds = np.asarray(meta["fold"]).astype(np.int64)
-    labels = np.asarray(meta["label"]).astype(np.int64)
+    labels = store_labels(meta, unsure_range)
     n_folds = int(folds.max()) + 1 if len(folds) else 0
     if not 0 <= fold < n_folds:
         raise ConfigError(f"--fold: store {store.path} has folds 0..{n_folds - 1}, got {fold}")

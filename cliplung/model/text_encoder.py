@@ -2,17 +2,22 @@
 
 The tower is built from an open_clip model config: ``cliplung/model/configs/<name>.json`` first (the
 debug preset's ``cliplung-tiny``), then open_clip's own configs (``ViT-B-16`` for the paper preset).
-Weights are random unless ``model.text_pretrained`` names
+Weights are random unless ``model.text_pretrained`` is the path of an open_clip checkpoint
+(:func:`load_text_weights`): a file (``.pt`` / ``.bin`` read with ``torch.load(weights_only=True)``,
+or ``.safetensors``) holding an open_clip checkpoint (``{"state_dict": ...}``), a plain open_clip
+``CLIP`` / ``CustomTextCLIP`` state dict, a ``TextTransformer`` state dict or a cliplung model
+state dict, or a directory holding one (a Hugging Face hub snapshot of an open_clip model:
+``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``). The text-tower keys are
+extracted (``module.`` / ``text.`` / ``text_encoder.tower.`` prefixes stripped, ``visual.*`` and other
+keys ignored) and checked against the model config before they are loaded: the vocabulary against
+the tokenizer's (CLIP's BPE, 49408 tokens), the context length, the width, the projection
+(width × ``embed_dim``) and the number of layers, each mismatch a :class:`ConfigError` naming
+``model.text_pretrained``, the file and both values. **Nothing is downloaded at run time**: an
+open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``) is refused with the command that fetches
+its weights once (see README, "Pretrained text tower").
 
-* a local file: an open_clip checkpoint (``{"state_dict": ...}``), a plain open_clip ``CLIP`` /
-  ``CustomTextCLIP`` state dict, a ``TextTransformer`` state dict, or a cliplung model state dict; the
-  text-tower keys are extracted (``module.`` / ``text.`` / ``text_encoder.tower.`` prefixes are
-  stripped, ``visual.*`` and other keys ignored), or
-* an open_clip pretrained tag (e.g. ``openai``, ``laion2b_s34b_b88k``), which downloads the weights
-  and so needs network access. Nothing is downloaded otherwise.
-
-OpenAI's weights were trained with QuickGELU: load them with a ``*-quickgelu`` model config (a tag
-sets it automatically).
+OpenAI's weights were trained with QuickGELU, which the weights do not show: load them with the
+``*-quickgelu`` model config (``model.text_model: ViT-B-16-quickgelu``).
 
 Forward pass on prompt embeddings ``X ∈ R^{N×L×W}`` (token embeddings with the context vectors
 already in place) and the end-of-text positions ``e ∈ {0..L-1}^N``::
@@ -52,8 +57,11 @@ from cliplung.config import ConfigError
 
 __all__ = [
     "CONFIG_DIR",
+    "HUB_WEIGHT_FILES",
     "TextEncoder",
+    "check_text_weights",
     "extract_text_state_dict",
+    "load_text_weights",
     "simple_tokenizer",
     "text_model_config",
 ]
@@ -115,39 +123,100 @@ def extract_text_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_pretrained(source: str, model_name: str) -> dict[str, torch.Tensor]:
-    if os.path.exists(source):
-        if source.endswith(".safetensors"):
+HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+"""File names of an open_clip model in a Hugging Face hub snapshot, in the order they are tried."""
+
+
+def _weights_file(source: str, model_name: str) -> str:
+    """The weights file ``model.text_pretrained`` names (a directory: its hub weights file)."""
+    if os.path.isdir(source):
+        for name in HUB_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                return os.path.join(source, name)
+        raise ConfigError(
+            f"model.text_pretrained: directory {source!r} holds none of {list(HUB_WEIGHT_FILES)}"
+        )
+    if os.path.isfile(source):
+        return source
+    hint = ""
+    if source in open_clip.list_pretrained_tags_by_model(model_name):
+        hint = (
+            f" {source!r} is an open_clip pretrained tag of {model_name!r}, and cliplung downloads nothing "
+            f'at run time: save the weights once on a machine with internet, e.g. python -c "import '
+            f"open_clip, torch; m = open_clip.create_model({model_name!r}, pretrained={source!r}); "
+            f"torch.save(m.state_dict(), 'text-tower.pt')\", and set model.text_pretrained to that file "
+            f"(README: Pretrained text tower)."
+        )
+    raise ConfigError(
+        f"model.text_pretrained: {source!r} is neither an existing file nor a directory holding one.{hint}"
+    )
+
+
+def _read_state(path: str) -> dict[str, Any]:
+    try:
+        if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(source, device="cpu")
+            state = load_file(path, device="cpu")
         else:
-            try:
-                state = torch.load(source, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ConfigError(f"model.text_pretrained: cannot read {source!r}: {exc}") from None
-        if not isinstance(state, dict):
-            raise ConfigError(f"model.text_pretrained: {source!r} does not hold a state dict")
-        text = extract_text_state_dict(state)
-        if not text:
-            raise ConfigError(
-                f"model.text_pretrained: {source!r} holds no text-tower weights (looked for keys like "
-                f"'token_embedding.weight', 'transformer.resblocks.0.*', 'text.*' or 'text_encoder.tower.*')"
-            )
-        return text
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if source not in tags:
-        raise ConfigError(
-            f"model.text_pretrained: {source!r} is neither an existing file nor an open_clip pretrained tag "
-            f"of {model_name!r} (tags: {tags})"
-        )
-    try:  # downloads: needs network access
-        clip = open_clip.create_model(model_name, pretrained=source, device="cpu")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        raise ConfigError(f"model.text_pretrained: cannot read {path!r}: {exc}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.text_pretrained: {path!r} does not hold a state dict")
+    return state
+
+
+def check_text_weights(
+    state: dict[str, torch.Tensor], cfg: dict[str, Any], model_name: str, path: str
+) -> None:
+    """Refuse text-tower weights that do not fit model config ``cfg`` or CLIP's tokenizer, naming
+    the first mismatch (vocabulary, context length, width, projection, layers)."""
+    text_cfg = cfg["text_cfg"]
+    width, embed_dim = int(text_cfg.get("width", 512)), int(cfg["embed_dim"])
+    vocab, context = int(text_cfg.get("vocab_size", 49408)), int(text_cfg.get("context_length", 77))
+    tokenizer_vocab = len(simple_tokenizer().encoder)
+    where = f"model.text_pretrained: {path!r} does not fit model.text_model {model_name!r}"
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        return tuple(state[key].shape) if key in state else None
+
+    if vocab != tokenizer_vocab:
         raise ConfigError(
-            f"model.text_pretrained: loading tag {source!r} of {model_name!r} failed: {exc}"
-        ) from None
-    return extract_text_state_dict(clip.state_dict())
+            f"model.text_model: {model_name!r} has a vocabulary of {vocab} tokens, CLIP's BPE tokenizer "
+            f"(the one cliplung's prompts use) has {tokenizer_vocab}"
+        )
+    checks = [
+        (
+            "token_embedding.weight",
+            (tokenizer_vocab, width),
+            "vocabulary x width (the tokenizer's vocabulary)",
+        ),
+        ("positional_embedding", (context, width), "context length x width"),
+        ("text_projection", (width, embed_dim), "width x embed_dim"),
+    ]
+    for key, expected, what in checks:
+        got = shape(key)
+        if got is not None and got != expected:
+            raise ConfigError(f"{where}: {key} is {got}, the model needs {expected} ({what})")
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")}
+    if layers and len(layers) != int(text_cfg.get("layers", 12)):
+        raise ConfigError(
+            f"{where}: it has {len(layers)} transformer layers, the model config {text_cfg.get('layers', 12)}"
+        )
+
+
+def load_text_weights(source: str, model_name: str) -> dict[str, torch.Tensor]:
+    """The checked text-tower weights of the open_clip checkpoint at ``source`` (module docstring)."""
+    path = _weights_file(source, model_name)
+    text = extract_text_state_dict(_read_state(path))
+    if not text:
+        raise ConfigError(
+            f"model.text_pretrained: {path!r} holds no text-tower weights (looked for keys like "
+            f"'token_embedding.weight', 'transformer.resblocks.0.*', 'text.*' or 'text_encoder.tower.*')"
+        )
+    check_text_weights(text, text_model_config(model_name), model_name, path)
+    return text
 
 
 class TextEncoder(nn.Module):
@@ -164,10 +233,6 @@ class TextEncoder(nn.Module):
         if text_cfg.get("no_causal_mask") or text_cfg.get("embed_cls"):
             raise ConfigError(f"model.text_model: {model_name!r} needs a causal, CLS-free text transformer")
         quick_gelu = bool(cfg.get("quick_gelu", False))
-        if pretrained and not os.path.exists(pretrained):
-            quick_gelu = quick_gelu or bool(
-                open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)
-            )
         build = getattr(open_clip.model, "build_text_tower", None) or open_clip.model._build_text_tower
         self.tower = build(cfg["embed_dim"], text_cfg, quick_gelu=quick_gelu, cast_dtype=None)
         if self.tower.text_projection is None or isinstance(self.tower.text_projection, nn.Linear):
@@ -179,7 +244,7 @@ class TextEncoder(nn.Module):
         self.width: int = self.tower.width
         self.context_length: int = self.tower.context_length
         if pretrained:
-            state = _load_pretrained(pretrained, model_name)
+            state = load_text_weights(pretrained, model_name)
             missing, unexpected = self.tower.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ConfigError(

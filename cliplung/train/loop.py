@@ -49,6 +49,7 @@ import torch.distributed as dist
 from cliplung.config import Config, config_from_dict, dump_config
 from cliplung.data.augment import epoch_generator
 from cliplung.model import build_model, save_inference
+from cliplung.train.early_stopping import EarlyStopping
 from cliplung.train.metrics import classification_metrics
 from cliplung.train.preflight import TRAIN_STATE_FILE, check_resume, checkpoint_identity
 from cliplung.train.prometheus import WorkerMetrics
@@ -295,6 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     micro = t.micro_batch_size
     shuffle_rows = min(SHUFFLE_BUFFER_MAX_ROWS, steps_per_epoch * micro)
     monitor = LossMonitor(device, names=loss_parts(config))
+    stopper = EarlyStopping.from_checkpoint(t, checkpoint)
 
     for epoch in range(start_epoch, t.epochs):
         gen = epoch_generator(t.seed, epoch, rank)
@@ -371,6 +373,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "metrics": report,
             "optimizer_state": optimizer_state_due(config, epoch),
             **checkpoint_identity(config, world, run.precision),
+            **stopper.after_epoch(epoch, report),
         }
         with tempfile.TemporaryDirectory(prefix="cliplung-ckpt-") as tmp:
             _save_checkpoint(Path(tmp), run, config, state, rank)
@@ -385,6 +388,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics_out.checkpoint(time.perf_counter() - upload_start, failed=True)
                 raise
             metrics_out.checkpoint(time.perf_counter() - upload_start)
+        if stopper.stopped:  # this epoch's checkpoint, just reported, is the run's last
+            if rank == 0:
+                _say(stopper.summary())
+            break
     metrics_out.finish()
     if config.train.debug_fail_at_step is not None and rank == 0:
         _fault_marker(config).unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from cliplung.config import Config
 from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
 from cliplung.runs import CheckpointInfo, Run, best_of
 from cliplung.storage import check_endpoint, is_s3
+from cliplung.train.early_stopping import stopped_early
 from cliplung.train.loop import train_loop_per_worker
 from cliplung.train.preflight import check_cuda, check_precision, check_resume, probe_cuda
 from cliplung.train.step import raise_if_diverged
@@ -134,12 +135,15 @@ def train(
     address: str | None = None,
     callbacks: Sequence[ray.train.UserCallback] = (),
     lease: bool = True,
+    shared_data=None,
 ) -> TrainSummary:
     """Train ``config`` on the Ray cluster at ``address`` (embedded when None); resume if possible.
 
     ``callbacks`` are Ray Train callbacks added to the run (a Tune trial passes
     ``TuneReportCallback``). ``lease=False`` skips the run's lease: for runs inside a search, whose
-    driver holds the lease of the whole search directory.
+    driver holds the lease of the whole search directory. ``shared_data``: a
+    :class:`cliplung.data.shared.SharedSplitData` already read for this run's split (``compare``
+    shares one per fold among its methods); refused when it was read for another split.
     """
     t = config.train
     store, splits = open_training_store(config)
@@ -150,9 +154,11 @@ def train(
     with holding:
         run.start(config, kind="train", store=store, splits=splits.record(config.data.store))
         latest = run.latest_checkpoint()
-        if latest is not None and latest.epoch is not None and latest.epoch + 1 >= t.epochs:
+        stopped = stopped_early(latest.location, config.storage.endpoint) if latest is not None else None
+        if latest is not None and latest.epoch is not None and (latest.epoch + 1 >= t.epochs or stopped):
+            done = f"{latest.epoch + 1} of {t.epochs} epochs done"
             print(
-                f"run {config.name} is complete ({latest.epoch + 1} of {t.epochs} epochs done, "
+                f"run {config.name} is complete ({'stopped early, ' if stopped else ''}{done}, "
                 f"{latest.location}): nothing to train",
                 flush=True,
             )
@@ -169,7 +175,10 @@ def train(
             check_cuda(config, probe)
             check_precision(config, probe)
         check_placement(config)
-        datasets = build_datasets(config, store, splits)
+        if shared_data is not None:
+            datasets = shared_data.datasets_for(config, splits)
+        else:
+            datasets = build_datasets(config, store, splits)
         trainer = build_trainer(config, datasets, steps_per_epoch(config, splits), callbacks)
         with PlacementWatch(config):
             result = trainer.fit()

@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cliplung.cluster import PlacementWatch, check_placement, ensure_ray, is_embedded
 from cliplung.config import Config
-from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
+from cliplung.data.ingest import DataPlan, Splits, build_data_plan, open_training_store
 from cliplung.runs import CheckpointInfo, Run, best_of
 from cliplung.storage import check_endpoint, is_s3
 from cliplung.train.loop import train_loop_per_worker
@@ -46,9 +46,9 @@ def steps_per_epoch(config: Config, splits: Splits) -> int:
 
 
 def build_trainer(
-    config: Config, datasets: dict, steps: int, callbacks: Sequence[ray.train.UserCallback] = ()
+    config: Config, data: DataPlan, steps: int, callbacks: Sequence[ray.train.UserCallback] = ()
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` for ``config`` over ``datasets`` (``train`` and ``val``)."""
+    """A ``TorchTrainer`` for ``config`` whose workers read ``data``."""
     t = config.train
     use_gpu = t.gpus_per_worker > 0
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
@@ -58,7 +58,7 @@ def build_trainer(
     fs, path = run.pyarrow()
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps},
+        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps, "data": data},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -75,8 +75,6 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
-        dataset_config=DeterministicShards(),
     )
 
 
@@ -169,8 +167,8 @@ def train(
             check_cuda(config, probe)
             check_precision(config, probe)
         check_placement(config)
-        datasets = build_datasets(config, store, splits)
-        trainer = build_trainer(config, datasets, steps_per_epoch(config, splits), callbacks)
+        data = build_data_plan(config, store, splits)
+        trainer = build_trainer(config, data, steps_per_epoch(config, splits), callbacks)
         with PlacementWatch(config):
             result = trainer.fit()
         if result.error:

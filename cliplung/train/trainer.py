@@ -9,7 +9,8 @@ computes the splits, records the run (:mod:`cliplung.runs`) and builds the ``Tor
 2. take the run's lease and record the run, or check that this start continues the recorded run
    (same store, same defining config);
 3. if the run already finished all its epochs, return its summary without starting workers;
-4. start or join Ray, check the run can be placed on the cluster, build the datasets and the
+4. start or join Ray, check the run can be placed on the cluster, plan the data (in memory mode:
+   the rows into Ray's object store, :func:`~cliplung.data.ingest.build_data_plan`), build the
    ``TorchTrainer`` (with the caller's Train callbacks, e.g. Tune's ``TuneReportCallback``), fit.
 
 A run is identified by ``(storage.path, name)``: running again with the same pair resumes from the

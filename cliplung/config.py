@@ -206,16 +206,16 @@ class DataConfig:
     """How training workers get their rows (:mod:`cliplung.data.ingest`). ``memory``: the driver reads
     the training and validation rows once per run into Ray's object store as float16, each worker
     collects its fixed shard once and reshuffles it every epoch on its device. ``stream``: each
-    worker reads its fixed shard every epoch in blocks, the next blocks read by Ray tasks while the
-    current ones train. ``auto``: ``memory`` when those rows fit ``memory_budget_mb``, else ``stream``."""
+    worker reads its fixed shard every epoch in blocks, the next blocks read by reader actors while
+    the current ones train. ``auto``: ``memory`` when those rows fit ``memory_budget_mb``, else ``stream``."""
     memory_budget_mb: int = 2048
     """Largest float16 size (MiB) of the training plus validation rows that ``auto`` keeps in memory
     (LIDC-IDRI at 32^3 is 174 MB)."""
     stream_block_rows: int = 256
-    """``stream``: rows per read (one Ray task, a few whole store shards)."""
+    """``stream``: rows per read (one call to a reader actor, a few whole store shards)."""
     stream_readers: int = 2
-    """``stream``: read tasks each worker keeps in flight (reader processes; on a cluster they run
-    wherever Ray places them, so reads scale with the cluster's CPUs)."""
+    """``stream``: reader actors per worker, one read in flight each (reader processes; on a
+    cluster they run wherever Ray places them, so reads scale with the cluster's CPUs)."""
     stream_window_blocks: int = 4
     """``stream``: blocks pooled and shuffled together; with ``stream_readers`` this bounds a worker's
     rows in memory to (window + readers) x block rows."""

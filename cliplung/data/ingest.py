@@ -23,9 +23,9 @@ Training input (``data.ingest``, chosen once per run on the driver by :func:`ing
   (in its first epoch), keeps it on its device, and every epoch permutes it with a generator seeded
   by (seed, epoch, rank) and slices micro-batches: no Ray Data, no task, nothing read per epoch.
 * **stream** (larger stores): each worker reads its fixed shard every epoch in blocks of
-  ``data.stream_block_rows`` rows, in a block order drawn from (seed, epoch, rank); each block is a
-  Ray task (no CPU reserved, ``data.stream_readers`` in flight per worker) that runs while the
-  current blocks train; ``data.stream_window_blocks`` blocks are pooled and shuffled together. A
+  ``data.stream_block_rows`` rows, in a block order drawn from (seed, epoch, rank), through
+  ``data.stream_readers`` reader actors of its own (started once per run, no CPU reserved, one
+  read in flight each) that read the next blocks while the current ones train; ``data.stream_window_blocks`` blocks are pooled and shuffled together. A
   worker holds at most (window + readers) blocks of rows (:func:`stream_memory_bytes`).
 
 Shards are fixed: rank ``r`` of ``w`` gets the ``r``-th of ``w`` equal contiguous pieces of the
@@ -349,15 +349,26 @@ class MemoryData:
         yield from _slices(tensors, order, size, drop_last=False)
 
 
+class _Reader:
+    """A reader process of a streaming worker (one Ray actor each, for the whole run: its imports
+    and open store are paid once, not per epoch or per block)."""
+
+    def __init__(self, store: NoduleStore, task: str) -> None:
+        self.store, self.task = store, task
+
+    def read(self, piece: np.ndarray) -> dict[str, np.ndarray]:
+        return read_block(self.store, self.task, piece)
+
+
 @functools.cache
-def _remote_read():
-    # No CPU of its own (see the module docstring); retried like any Ray task if its process dies.
-    return ray.remote(num_cpus=0, max_retries=3)(read_block)
+def _reader_actor():
+    # No CPU of its own (see the module docstring); restarted, with its call retried, if it dies.
+    return ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(_Reader)
 
 
 class StreamData:
     """A worker's training input in ``stream`` mode: its fixed shard read every epoch, block by
-    block, by Ray tasks running ahead of the steps (see the module docstring)."""
+    block, by reader actors running ahead of the steps (see the module docstring)."""
 
     def __init__(
         self,
@@ -377,22 +388,28 @@ class StreamData:
         self.rows = {"train": np.asarray(train_rows, np.int64), "val": np.asarray(val_rows, np.int64)}
         self.seed, self.rank, self.device = seed, rank, torch.device(device)
         self.block_rows, self.readers, self.window = block_rows, readers, window
+        self._actors: list | None = None
 
     def _blocks(self, pieces: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """The blocks of ``pieces`` in that order; ``readers`` reads in flight ahead of the one
-        being consumed."""
-        read = _remote_read()
-        ahead = iter(pieces)
+        being consumed, block ``i`` read by reader ``i % readers``."""
+        if self._actors is None:
+            actor = _reader_actor()
+            self._actors = [actor.remote(self.store, self.task) for _ in range(self.readers)]
+        ahead = enumerate(pieces)
         pending: collections.deque = collections.deque()
-        for piece in ahead:
-            pending.append(read.remote(self.store, self.task, piece))
-            if len(pending) == self.readers:
-                break
+
+        def submit() -> None:
+            item = next(ahead, None)
+            if item is not None:
+                i, piece = item
+                pending.append(self._actors[i % self.readers].read.remote(piece))
+
+        for _ in range(self.readers):
+            submit()
         while pending:
             ref = pending.popleft()
-            nxt = next(ahead, None)
-            if nxt is not None:
-                pending.append(read.remote(self.store, self.task, nxt))
+            submit()
             yield ray.get(ref)
 
     def epoch_pieces(self, epoch: int) -> list[np.ndarray]:

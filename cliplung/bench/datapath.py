@@ -75,7 +75,10 @@ def null_loop_per_worker(loop_config: dict) -> None:
         seconds = max(p[e][1] for p in parts)
         wait = max(p[e][2] / max(p[e][1], 1e-9) for p in parts)
         rows.append({"samples": samples, "seconds": seconds, "data_wait_share": wait})
-    ray.train.report({"epochs": rows})
+    # Ray Train keeps the metrics of reports that carry a checkpoint: rank 0 attaches an empty one.
+    with tempfile.TemporaryDirectory(prefix="cliplung-null-report-") as tmp:
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report({"epochs": rows}, checkpoint=checkpoint)
 
 
 def run_null(config: Config, *, use_gpu: bool = False, mode: str | None = None) -> dict:

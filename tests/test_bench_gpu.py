@@ -34,6 +34,8 @@ def test_gpu_bench_dry_run_data_path(ray_session, capsys) -> None:
     assert cli.main(["bench", "gpu", "--dry-run", "--json"]) == cli.EXIT_OK
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     data = report["data_path"]
+    with capsys.disabled():
+        print(f"\ndata_path: {json.dumps(data)}")
     assert "error" not in data, data
     assert data["null_model_samples_per_s"] > 0 and 0 <= data["null_model_data_wait_share"] <= 1
     assert data["tune_one_trial"]["trials"] == 1 and data["tune_two_packed_trials"]["trials"] == 2

@@ -144,3 +144,18 @@ def test_auto_mode_keeps_stores_within_the_budget_in_memory(synthetic_store):
 def test_bad_ingest_settings_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("debug", [override])
+
+
+def test_a_stream_plan_gives_each_rank_its_fixed_share(synthetic_store):
+    from cliplung.data.ingest import build_data_plan
+
+    cfg = _config(synthetic_store, "data.ingest=stream", "train.workers=2")
+    splits = compute_splits(synthetic_store, cfg.data)
+    plan = build_data_plan(cfg, synthetic_store, splits)  # streaming plans read nothing (no Ray)
+    assert plan.mode == "stream" and plan.refs == () and plan.store is synthetic_store
+    workers = [plan.for_worker(rank, 2, torch.device("cpu")) for rank in range(2)]
+    assert all(isinstance(w, StreamData) for w in workers)
+    for rank, w in enumerate(workers):
+        assert np.array_equal(w.rows["train"], rank_rows(splits.train, rank, 2, equal=True))
+        assert np.array_equal(w.rows["val"], rank_rows(splits.val, rank, 2, equal=False))
+    assert (workers[0].block_rows, workers[0].readers, workers[0].window) == (256, 2, 4)

@@ -15,8 +15,9 @@ One loop for 1 CPU worker, 2 CPU workers (gloo) and N GPUs (nccl, one GPU per wo
 4. Each epoch: train on this worker's fixed shard (``train_loop_config["data"]``, a
    :class:`~cliplung.data.ingest.DataPlan`: in memory on the worker's device or streamed from the
    store, in an order drawn from (seed, epoch, rank); augmented on the worker; no host
-   synchronisation in the step, see :mod:`cliplung.train.step`), evaluate the EMA model on the validation shard, gather
-   predictions from all workers, compute the metrics, and report them with a checkpoint.
+   synchronisation in the step, see :mod:`cliplung.train.step`), evaluate the EMA model on the
+   validation shard, gather predictions from all workers, compute the metrics, and report them
+   with a checkpoint.
 5. A non-finite loss or EMA ends the run at that step: a final report without checkpoint marks the
    divergence (``train/diverged``, ``train/divergence``) and the loop returns normally, so Ray Train
    does not retry it; the driver raises :class:`~cliplung.train.step.DivergedError`.

@@ -1,4 +1,5 @@
-"""Ray Data ingest of a nodule store: split selection, a zarr-3 datasource, per-worker shards.
+"""Training input from a nodule store: split selection, per-worker shards in memory or streamed,
+and a zarr-3 Ray Data datasource (for ``cliplung predict``).
 
 Why a datasource of our own rather than ``ray.data.read_zarr``: Ray's reader needs zarr-python 2
 and Zarr format 2 stores, while the nodule store is Zarr format 3 with sharding (one chunk per
@@ -25,8 +26,9 @@ Training input (``data.ingest``, chosen once per run on the driver by :func:`ing
 * **stream** (larger stores): each worker reads its fixed shard every epoch in blocks of
   ``data.stream_block_rows`` rows, in a block order drawn from (seed, epoch, rank), through
   ``data.stream_readers`` reader actors of its own (started once per run, no CPU reserved, one
-  read in flight each) that read the next blocks while the current ones train; ``data.stream_window_blocks`` blocks are pooled and shuffled together. A
-  worker holds at most (window + readers) blocks of rows (:func:`stream_memory_bytes`).
+  read in flight each) that read the next blocks while the current ones train;
+  ``data.stream_window_blocks`` blocks are pooled and shuffled together. A worker holds at most
+  (window + readers) blocks of rows (:func:`stream_memory_bytes`).
 
 Shards are fixed: rank ``r`` of ``w`` gets the ``r``-th of ``w`` equal contiguous pieces of the
 sorted training rows (:func:`rank_rows`; the remainder is dropped so every worker runs the same

@@ -133,7 +133,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "ingest":
         from cliplung.bench.ingest import bench_ingest
 
-        bench_ingest(store, batch=args.batch, epochs=args.steps, as_json=args.json)
+        # Without --data: temporary random stores at 16^3 and 32^3.
+        bench_ingest(args.data, batch=args.batch, epochs=args.steps, as_json=args.json)
     elif args.what == "tune":
         from cliplung.bench.tune import bench_tune
 
@@ -150,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "train":
         from cliplung.bench.train import bench_train
 
-        bench_train(store, preset=args.preset, epochs=args.steps, as_json=args.json)
+        bench_train(store, preset=args.preset, epochs=args.steps, as_json=args.json, model=args.model)
     else:
         raise ConfigError(f"bench: unknown benchmark {args.what!r}")
     return EXIT_OK
@@ -273,9 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        help=f"store (ingest, train, tune: default {DEFAULT_BENCH_STORE}; predict: a random store)",
+        help=f"store (train, tune: default {DEFAULT_BENCH_STORE}; ingest: random 16^3 and 32^3 stores; "
+        "predict: a random store)",
     )
     p.add_argument("--budget-epochs", type=int, default=16, help="tune: total epochs per search")
+    p.add_argument(
+        "--model",
+        default="preset",
+        choices=["preset", "null"],
+        help="train: the preset's model, or null (the data path alone: samples/s, data wait)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

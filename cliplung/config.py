@@ -219,6 +219,23 @@ class DataConfig:
     """Share of the training patients (not nodules) set aside for model selection."""
     split_seed: int = 0
     """Seed of the patient-level validation split inside the training folds."""
+    ingest: Literal["auto", "memory", "stream"] = "auto"
+    """How training workers get their rows (:mod:`cliplung.data.ingest`). ``memory``: the driver reads
+    the training and validation rows once per run into Ray's object store as float16, each worker
+    collects its fixed shard once and reshuffles it every epoch on its device. ``stream``: each
+    worker reads its fixed shard every epoch in blocks, the next blocks read by reader actors while
+    the current ones train. ``auto``: ``memory`` when those rows fit ``memory_budget_mb``, else ``stream``."""
+    memory_budget_mb: int = 2048
+    """Largest float16 size (MiB) of the training plus validation rows that ``auto`` keeps in memory
+    (LIDC-IDRI at 32^3 is 174 MB)."""
+    stream_block_rows: int = 256
+    """``stream``: rows per read (one call to a reader actor, a few whole store shards)."""
+    stream_readers: int = 2
+    """``stream``: reader actors per worker, one read in flight each (reader processes; on a
+    cluster they run wherever Ray places them, so reads scale with the cluster's CPUs)."""
+    stream_window_blocks: int = 4
+    """``stream``: blocks pooled and shuffled together; with ``stream_readers`` this bounds a worker's
+    rows in memory to (window + readers) x block rows."""
 
     def __post_init__(self) -> None:
         s = "data"
@@ -227,6 +244,10 @@ class DataConfig:
             self,
             test_fold=(0, FOLDS_MAX - 1, " (folds are int8)"),
             split_seed=(0, SEED_MAX, " (a 32-bit seed)"),
+            memory_budget_mb=(0, 2**40, ""),
+            stream_block_rows=(1, 2**20, ""),
+            stream_readers=(1, 64, ""),
+            stream_window_blocks=(1, 1024, ""),
         )
         _check_choice(s, self, "task", ("3class", "2class"))
         if self.test_task is not None:
@@ -243,6 +264,7 @@ class DataConfig:
                 f"got {list(self.unsure_range)!r}",
             )
         self.unsure_range = (float(lo), float(hi))
+        _check_choice(s, self, "ingest", ("auto", "memory", "stream"))
         _check_positive(s, self, "test_fold", allow_zero=True)
         if not 0.0 < self.val_fraction < 1.0:
             _fail(f"{s}.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from torch_threads import one_torch_thread  # noqa: F401 - autouse fixture
 
 from cliplung import cli
+from cliplung.bench import gpu
 
 
 def test_gpu_bench_dry_run_runs_every_section(capsys) -> None:
-    assert cli.main(["bench", "gpu", "--dry-run", "--json"]) == cli.EXIT_OK
+    # data_path starts Ray: test_gpu_bench_dry_run_data_path (slow) runs it through the CLI.
+    assert gpu.main(["--dry-run", "--json", "--skip", "data_path"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["dry_run"] is True and report["device"].startswith("cpu")
-    for section in ("train_step", "text_path", "sync_debug", "predict", "data_path"):
+    assert report["data_path"] == {"skipped": "asked to (--skip)"}
+    for section in ("train_step", "text_path", "sync_debug", "predict"):
         assert section in report and "error" not in report[section], report.get(section)
     step = report["train_step"]
     assert step["precision"] == "bf16" and step["optimizer"] == "AdamW" and step["loss_finite"]
@@ -23,4 +27,16 @@ def test_gpu_bench_dry_run_runs_every_section(capsys) -> None:
     assert len(report["sync_debug"]) >= 10
     assert report["text_path"]["train_flop_ratio"] > 1
     assert report["predict"]["probabilities_finite"] and report["predict"]["patches_per_s"] > 0
-    assert report["data_path"]["status"].startswith("not measured")
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_data_path(ray_session, capsys) -> None:
+    assert cli.main(["bench", "gpu", "--dry-run", "--json"]) == cli.EXIT_OK
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = report["data_path"]
+    with capsys.disabled():
+        print(f"\ndata_path: {json.dumps(data)}")
+    assert "error" not in data, data
+    assert data["null_model_samples_per_s"] > 0 and 0 <= data["null_model_data_wait_share"] <= 1
+    assert data["tune_one_trial"]["trials"] == 1 and data["tune_two_packed_trials"]["trials"] == 2
+    assert all(r > 0 for r in data["tune_two_packed_trials"]["samples_per_s_each"])

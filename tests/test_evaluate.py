@@ -504,28 +504,31 @@ def test_evaluate_two_class_drops_unsure_nodules(tmp_path: Path, config: Config,
 
 @pytest.mark.slow
 def test_shared_split_data_is_what_each_run_would_read(synthetic_store, ray_session) -> None:
-    from cliplung.data.ingest import build_datasets, open_training_store
+    import ray
+
+    from cliplung.data.ingest import build_data_plan, open_training_store
     from cliplung.data.shared import SharedSplitData
 
-    cfg = load_config("debug", [f"data.store={synthetic_store.path}", "data.unsure_range=[2.5, 3.5]"])
+    cfg = load_config(
+        "debug", [f"data.store={synthetic_store.path}", "data.unsure_range=[2.5, 3.5]", "data.ingest=memory"]
+    )
     store, splits = open_training_store(cfg)
     shared = SharedSplitData(cfg, store, splits)
-    own = build_datasets(cfg, store, splits)
-    for name in ("train", "val"):
-        a = shared.datasets_for(cfg, splits)[name].take_all()
-        # Without preserve_order (training sets it) the reads may finish in any order.
-        b = sorted(own[name].take_all(), key=lambda r: r["index"])
-        assert [r["index"] for r in a] == [r["index"] for r in b] == getattr(splits, name).tolist()
-        for x, y in zip(a, b, strict=True):
-            assert x["label"] == y["label"]
-            np.testing.assert_array_equal(x["patches"], y["patches"])
-            np.testing.assert_array_equal(x["attributes"], y["attributes"])
+    own = build_data_plan(cfg, store, splits)
+    cut = build_data_plan(cfg, store, splits, shared=shared)
+    for rank in range(cfg.train.workers):
+        for a, b in zip(ray.get(list(own.refs[rank])), ray.get(list(cut.refs[rank])), strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    rows = np.concatenate([ray.get(cut.refs[r][1])["index"] for r in range(cfg.train.workers)])
+    assert rows.tolist() == list(splits.val)  # every validation row, once, in order
     other = apply_overrides(cfg, ["data.test_fold=1"])
     _, other_splits = open_training_store(other)
     with pytest.raises(ValueError, match="another split"):
-        shared.datasets_for(other, other_splits)
+        build_data_plan(other, store, other_splits, shared=shared)
     with pytest.raises(ValueError, match="another split"):
-        shared.datasets_for(apply_overrides(cfg, ["data.unsure_range=[3, 3]"]), splits)
+        shared.arrays_for(apply_overrides(cfg, ["data.unsure_range=[3, 3]"]), splits)
 
 
 @pytest.mark.slow

@@ -77,25 +77,23 @@ def _ray_worker_logs() -> str:
 
 @pytest.mark.timeout(900)
 def test_store_reads_ride_out_an_s3_outage(ray_session, s3_server, s3_store, tmp_path, monkeypatch, capfd):
-    """The server goes down once the driver has checked the store and built the datasets, i.e.
-    before their read tasks run, and comes back a few seconds after the first of them has retried:
-    the run ends normally, with no worker-group restart (max_failures=0 would turn one into a failed
-    run)."""
-    from cliplung.data.ingest import NoduleDatasource
+    """Streaming ingest: the server goes down once the driver has checked the store and planned the
+    reads, i.e. before the workers' read tasks run, and comes back a few seconds after the first of
+    them has retried: the run ends normally, with no worker-group restart (max_failures=0 would turn
+    one into a failed run)."""
+    import cliplung.train.trainer as trainer
     from cliplung.train.trainer import train
 
     before = _ray_worker_logs().count("retry 1/")
     checked = threading.Event()
-    real_init = NoduleDatasource.__init__
-    built = []
+    real_plan = trainer.build_data_plan
 
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        built.append(self)
-        if len(built) == 2:  # train and val: the driver reads nothing more from the store
-            checked.set()
+    def plan(*args, **kwargs):
+        built = real_plan(*args, **kwargs)
+        checked.set()  # the driver reads nothing more from the store
+        return built
 
-    monkeypatch.setattr(NoduleDatasource, "__init__", init)
+    monkeypatch.setattr(trainer, "build_data_plan", plan)
     timeline: dict[str, float] = {}
 
     def outage() -> None:
@@ -114,7 +112,7 @@ def test_store_reads_ride_out_an_s3_outage(ray_session, s3_server, s3_store, tmp
     watcher.start()
     cfg = _config(
         s3_store.path, str(tmp_path / "runs"), "outage-reads",
-        f"storage.endpoint={s3_server.url}", "train.epochs=2", "train.max_failures=0",
+        f"storage.endpoint={s3_server.url}", "train.epochs=2", "train.max_failures=0", "data.ingest=stream",
     )  # fmt: skip
     try:
         summary = train(cfg)

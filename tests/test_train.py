@@ -181,15 +181,26 @@ def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_epoch_resumes_and_matches_uninterrupted_run(ray_local, store, tmp_path, capfd):
+@pytest.mark.parametrize("ingest", ["memory", "stream"])
+def test_worker_killed_mid_epoch_resumes_and_matches_uninterrupted_run(
+    ray_local, store, tmp_path, capfd, ingest
+):
     from cliplung.train.trainer import train
 
     runs = str(tmp_path / "runs")
+    mode = [f"data.ingest={ingest}", "data.stream_block_rows=8", "data.stream_window_blocks=2"]
     # 54 training rows / 2 workers / micro-batch 8 = 3 steps per epoch; step 5 is inside epoch 2.
-    clean = train(_config(store.path, runs, "clean", "train.epochs=3", "train.max_failures=0"))
+    # Streaming: 27 rows per worker in 4 blocks, pooled 2 at a time; leftover rows carry into the next pool.
+    clean = train(_config(store.path, runs, "clean", "train.epochs=3", "train.max_failures=0", *mode))
     faulty = train(
         _config(
-            store.path, runs, "faulty", "train.epochs=3", "train.debug_fail_at_step=5", "train.max_failures=1"
+            store.path,
+            runs,
+            "faulty",
+            "train.epochs=3",
+            "train.debug_fail_at_step=5",
+            "train.max_failures=1",
+            *mode,
         )
     )
     out = capfd.readouterr().out

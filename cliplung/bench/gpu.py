@@ -26,8 +26,9 @@ Sections, in order (each is skipped, and says so, once the time budget is spent)
     What ``cliplung predict`` does per batch (:func:`cliplung.evaluate.evaluate.predict_probabilities`
     on the exported paper model): patches/s at batch 256 on the device.
 ``data_path``
-    A placeholder for the data-path figures of issue 14 (the null model's samples/s at GPU rates,
-    1-worker vs 2-trial Tune packing on one GPU), added by that work: :func:`data_path_figures`.
+    The data path at device rates (:func:`data_path_figures`): the ``null`` model's samples/s and
+    data-wait share in memory mode, and one 1-worker training trial alone vs two packed on one GPU
+    (``train.gpus_per_worker=0.5``). Starts an embedded Ray.
 
 The report's ``device`` names the GPU; paste the figures into README's Benchmarks with it.
 """
@@ -73,16 +74,82 @@ SIZES = {
 }
 
 
+DATA_PATH_SIZES = {
+    # store rows, patch, null-model epochs, packing preset and epochs
+    "gpu": {"rows": 2600, "patch": 32, "epochs": 3, "preset": "paper", "train_epochs": 2},
+    "dry": {"rows": 240, "patch": 16, "epochs": 2, "preset": "debug", "train_epochs": 1},
+}
+
+
+def _packed_trials(store: str, preset: str, epochs: int, gpus: float, trials: int, storage: str) -> dict:
+    """``trials`` one-worker training runs at once, each with ``gpus`` of a GPU (0: CPU), each
+    started from its own process as a Tune trial is; samples/s of each and together."""
+    import ray
+
+    from cliplung.bench.ingest import bench_config
+
+    @ray.remote(num_cpus=0)
+    def trial(overrides: list[str]) -> float:
+        from cliplung.train.trainer import train
+
+        return float(train(bench_config(store, *overrides)).metrics["train/samples_per_second"])
+
+    common = [
+        "train.workers=1",
+        f"train.gpus_per_worker={gpus}",
+        f"train.epochs={epochs}",
+        "train.max_failures=0",
+        f"storage.path={storage}",
+    ]
+    if preset == "paper":
+        common.append("train.batch_size=32")
+    started = time.perf_counter()
+    rates = ray.get([trial.remote([*common, f"name=pack-{trials}-{i}"]) for i in range(trials)])
+    return {
+        "trials": trials,
+        "gpus_per_trial": gpus,
+        "samples_per_s_each": [round(r, 1) for r in rates],
+        "samples_per_s_total": round(sum(rates), 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def data_path_figures(device: torch.device, dry_run: bool) -> dict[str, Any]:
     """Issue 14's data-path figures on this device: the ``null`` model's samples/s and data-wait share
-    at GPU rates (``cliplung bench train --model null``), and one 1-worker trial vs two trials packed
-    on one GPU (``train.gpus_per_worker=0.5``). Not measured yet: that work fills this in."""
+    at device rates (:func:`cliplung.bench.datapath.run_null`, in-memory mode, one worker with the
+    whole device) on a random store, and one 1-worker training trial alone vs two packed on one GPU
+    (``train.gpus_per_worker=0.5``; in the dry run, two CPU trials). Starts an embedded Ray."""
+    from cliplung.bench.datapath import run_null
+    from cliplung.bench.ingest import bench_config
+    from cliplung.bench.predict import _random_store
+
+    sizes = DATA_PATH_SIZES["dry" if dry_run else "gpu"]
+    use_gpu = device.type == "cuda"
+    gpu = 1 if use_gpu else 0
+    with tempfile.TemporaryDirectory(prefix="cliplung-gpu-data-") as tmp:
+        store = os.path.join(tmp, "store")
+        _random_store(store, sizes["rows"], sizes["patch"])
+        config = bench_config(
+            store,
+            "train.workers=1",
+            f"train.gpus_per_worker={gpu}",
+            "train.batch_size=32",
+            f"train.epochs={sizes['epochs']}",
+            "data.ingest=memory",
+        )
+        null = run_null(config, use_gpu=use_gpu)
+        storage = os.path.join(tmp, "runs")
+        one = _packed_trials(store, sizes["preset"], sizes["train_epochs"], gpu, 1, storage)
+        two = _packed_trials(store, sizes["preset"], sizes["train_epochs"], gpu / 2, 2, storage)
     return {
-        "null_model_samples_per_s": None,
-        "null_model_data_wait_share": None,
-        "tune_one_trial_samples_per_s": None,
-        "tune_two_packed_trials_samples_per_s": None,
-        "status": "not measured: added with the data-path work (issue 14)",
+        "store": f"random {sizes['rows']} nodules at {sizes['patch']}^3",
+        "null_model_samples_per_s": null["samples_per_s"],
+        "null_model_epoch1_samples_per_s": null["epoch1_samples_per_s"],
+        "null_model_data_wait_share": null["data_wait_share"],
+        "packing_preset": sizes["preset"],
+        "tune_one_trial": one,
+        "tune_two_packed_trials": two,
+        "packing_gain": round(two["samples_per_s_total"] / max(one["samples_per_s_total"], 1e-9), 3),
     }
 
 
@@ -329,8 +396,10 @@ def _predict(sizes: dict, device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
-def bench_gpu(*, dry_run: bool = False, budget_s: float = BUDGET_S, as_json: bool = False) -> dict[str, Any]:
-    """Run every section (``dry_run``: tiny sizes on the CPU) and print the JSON report."""
+def bench_gpu(
+    *, dry_run: bool = False, budget_s: float = BUDGET_S, as_json: bool = False, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run every section but ``skip`` (``dry_run``: tiny sizes on the CPU); print the JSON report."""
     from cliplung.train.preflight import check_cuda, probe_cuda
 
     started = time.perf_counter()
@@ -359,6 +428,9 @@ def bench_gpu(*, dry_run: bool = False, budget_s: float = BUDGET_S, as_json: boo
     left = lambda: budget_s - (time.perf_counter() - started)  # noqa: E731
 
     def section(name: str, needs_s: float, fn: Callable[[], Any]) -> None:
+        if name in skip:
+            report[name] = {"skipped": "asked to (--skip)"}
+            return
         if left() < needs_s and not dry_run:
             report[name] = {"skipped": f"time budget: {left():.0f} s left, needs about {needs_s:.0f} s"}
             return
@@ -379,7 +451,7 @@ def bench_gpu(*, dry_run: bool = False, budget_s: float = BUDGET_S, as_json: boo
     )
     section("sync_debug", 30, lambda: _sync_debug(device))
     section("predict", 30, lambda: _predict(sizes, device))
-    section("data_path", 0, lambda: data_path_figures(device, dry_run))
+    section("data_path", 120, lambda: data_path_figures(device, dry_run))
     if not dry_run:  # compiling the paper model takes minutes on a CPU; a GPU run has the time
         section("train_step_compiled", 180, lambda: _train_step(sizes, device, compile_model=True))
     report["section_seconds"] = timings
@@ -394,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S)
     parser.add_argument("--json", action="store_true", help="one JSON line")
+    parser.add_argument("--skip", action="append", default=[], help="a section not to run (repeatable)")
     args = parser.parse_args(argv)
-    bench_gpu(dry_run=args.dry_run, budget_s=args.budget_s, as_json=args.json)
+    bench_gpu(dry_run=args.dry_run, budget_s=args.budget_s, as_json=args.json, skip=tuple(args.skip))
     return 0
 
 

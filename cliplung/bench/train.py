@@ -1,5 +1,8 @@
 """``cliplung bench train``: samples/s at 1 and 2 CPU workers, data-wait share, peak memory per
-worker for ZeRO stages 0, 1 and 2 (debug preset, one short run each, on the embedded Ray)."""
+worker for ZeRO stages 0, 1 and 2 (debug preset, one short run each, on the embedded Ray).
+
+``--model null``: the same data path with no model (:mod:`cliplung.bench.datapath`), at 1 and 2
+workers: the samples/s and data-wait share the data path alone can feed."""
 
 from __future__ import annotations
 
@@ -12,7 +15,38 @@ from cliplung.train.trainer import train
 __all__ = ["bench_train"]
 
 
-def bench_train(store: str, preset: str = "debug", epochs: int = 2, as_json: bool = False) -> list[dict]:
+def bench_null(store: str, epochs: int = 3, batch: int = 32, ingest: str = "auto", as_json: bool = False):
+    from cliplung.bench.datapath import run_null
+    from cliplung.bench.ingest import bench_config
+
+    rows = []
+    for workers in (1, 2):
+        config = bench_config(
+            store,
+            f"train.workers={workers}",
+            f"train.batch_size={batch * workers}",
+            f"train.epochs={max(2, epochs)}",
+            f"data.ingest={ingest}",
+        )
+        r = run_null(config)
+        rows.append({k: v for k, v in r.items() if k != "epochs"} | {"per_epoch": r["epochs"]})
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'workers':>7} {'mode':>6} {'samples/s':>10} {'epoch 1':>10} {'data wait':>9}")
+        for r in rows:
+            print(
+                f"{r['workers']:>7} {r['mode']:>6} {r['samples_per_s']:>10.1f} "
+                f"{r['epoch1_samples_per_s']:>10.1f} {r['data_wait_share']:>9.2%}"
+            )
+    return rows
+
+
+def bench_train(
+    store: str, preset: str = "debug", epochs: int = 2, as_json: bool = False, model: str = "preset"
+) -> list[dict]:
+    if model == "null":
+        return bench_null(store, epochs=epochs, as_json=as_json)
     cases = [(1, 0), (2, 0), (2, 1), (2, 2)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="cliplung-bench-") as storage:

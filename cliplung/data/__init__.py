@@ -5,7 +5,8 @@
 * :mod:`cliplung.data.phantom`: real contours and ratings, simulated intensities (no images needed).
 * :mod:`cliplung.data.store`: the Zarr v3 nodule store (:class:`NoduleStore`, :class:`StoreWriter`).
 * :mod:`cliplung.data.prepare` / :mod:`cliplung.data.inspect`: ``cliplung prepare`` / ``inspect``.
-* :mod:`cliplung.data.ingest`: Ray Data over a store (the only module here that imports Ray).
+* :mod:`cliplung.data.ingest`: training input from a store, in memory or streamed, and a Ray Data
+  datasource for prediction (the only module here that imports Ray).
 
 This package imports nothing on its own, so ``cliplung.data.{lidc,phantom,store,dicom}`` stay usable
 without Ray.

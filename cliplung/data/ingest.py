@@ -1,4 +1,5 @@
-"""Ray Data ingest of a nodule store: split selection, a zarr-3 datasource, per-worker shards.
+"""Training input from a nodule store: split selection, per-worker shards in memory or streamed,
+and a zarr-3 Ray Data datasource (for ``cliplung predict``).
 
 Why a datasource of our own rather than ``ray.data.read_zarr``: Ray's reader needs zarr-python 2
 and Zarr format 2 stores, while the nodule store is Zarr format 3 with sharding (one chunk per
@@ -17,41 +18,77 @@ Labels come from each nodule's mean malignancy under ``data.unsure_range`` (:mod
 Training and validation rows are those of ``data.task`` (``2class`` drops unsure nodules and
 malignant becomes label 1); the test rows are those of ``data.test_task`` (default: the same).
 
-Sharding: :class:`DeterministicShards` gives every Ray Train worker an equal, fixed share of the
-training rows (``Dataset.split(equal=True)``) instead of Train's default ``streaming_split``,
-whose block-to-worker assignment depends on which worker asks first. With fixed shards and a
-per-epoch shuffle seeded by (seed, epoch, rank), a run is reproducible for a seed and worker count,
-and a resumed run replays its interrupted epoch exactly.
+Training input (``data.ingest``, chosen once per run on the driver by :func:`ingest_mode`):
+
+* **memory** (stores whose training and validation rows fit ``data.memory_budget_mb`` as float16):
+  the driver reads those rows once, in contiguous blocks, and puts each worker's fixed shard into
+  Ray's object store as float16 (:func:`build_data_plan`). A worker collects its shard once per run
+  (in its first epoch), keeps it on its device, and every epoch permutes it with a generator seeded
+  by (seed, epoch, rank) and slices micro-batches: no Ray Data, no task, nothing read per epoch.
+* **stream** (larger stores): each worker reads its fixed shard every epoch in blocks of
+  ``data.stream_block_rows`` rows, in a block order drawn from (seed, epoch, rank), through
+  ``data.stream_readers`` reader actors of its own (started once per run, no CPU reserved, one
+  read in flight each) that read the next blocks while the current ones train;
+  ``data.stream_window_blocks`` blocks are pooled and shuffled together. A worker holds at most
+  (window + readers) blocks of rows (:func:`stream_memory_bytes`).
+
+Shards are fixed: rank ``r`` of ``w`` gets the ``r``-th of ``w`` equal contiguous pieces of the
+sorted training rows (:func:`rank_rows`; the remainder is dropped so every worker runs the same
+number of steps) and the ``r``-th of ``w`` near-equal pieces of the validation rows (none dropped,
+every validation nodule is scored once). With fixed shards and an epoch order that is a function of
+(seed, epoch, rank), a run is reproducible for a seed and worker count, and a resumed run replays
+its interrupted epoch exactly, in either mode. Reads reserve no CPU in any mode: on a cluster the
+training workers can hold every CPU, and reads that wait for one of their own would wait forever.
+
+:class:`NoduleDatasource` (a Ray Data datasource) serves ``cliplung predict``.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import ray.data
-import ray.train
+import ray
+import torch
 from ray.data import Datasource
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import ReadTask
 
 from cliplung.config import Config, ConfigError, DataConfig
+from cliplung.data.augment import to_device
 from cliplung.data.preprocessing import check_preprocessing, store_preprocessing
 from cliplung.data.store import NoduleStore
 from cliplung.labels import DEFAULT_UNSURE_RANGE, store_labels, task_labels, task_rows
 
 __all__ = [
-    "DeterministicShards",
+    "DataPlan",
+    "MemoryData",
     "NoduleDatasource",
     "Splits",
-    "build_datasets",
+    "StreamData",
+    "build_data_plan",
     "compute_splits",
+    "in_memory_bytes",
+    "ingest_mode",
     "open_training_store",
+    "rank_rows",
+    "read_block",
+    "read_rows_in_blocks",
+    "shuffle_generator",
+    "stream_memory_bytes",
 ]
 
-# Columns each row carries into training; patches are float32 (D, H, W) in [0, 1].
+# Columns each row carries into training; patches are float16 (D, H, W) in [0, 1] until the
+# worker's device converts them; the label comes from the mean malignancy and the run's unsure
+# range (cliplung.labels).
 ROW_FIELDS = ("patches", "malignancy", "attributes")
+ROW_EXTRA_BYTES = 8 * 4 + 8 + 8
+"""Bytes of a row besides its patch: 8 float32 attributes, the int64 label and store index."""
 
 
 @dataclass(frozen=True)
@@ -180,19 +217,27 @@ class NoduleDatasource(Datasource):
         ]
 
 
-def _read_rows(store: NoduleStore, task: str, unsure_range, piece: np.ndarray):
-    # ``store`` arrives pickled: pinned to the driver's version, opened lazily in this task.
+def read_block(
+    store: NoduleStore, task: str, piece: np.ndarray, unsure_range=DEFAULT_UNSURE_RANGE
+) -> dict[str, np.ndarray]:
+    """The store rows ``piece`` (sorted) in one contiguous read: ``patches`` float16, ``label``
+    (from the mean malignancy by ``unsure_range``, remapped for ``task``), ``attributes`` float32,
+    ``index`` (the store rows). Retries transient object-store errors (:mod:`cliplung.data.store`)."""
     rows = store.read_rows(int(piece[0]), int(piece[-1]) + 1, fields=ROW_FIELDS)
     local = piece - piece[0]
-    label = task_labels(store_labels(rows, unsure_range)[local], task)
-    yield BlockAccessor.batch_to_block(
-        {
-            "patches": np.asarray(rows["patches"])[local].astype(np.float32),
-            "label": label,
-            "attributes": np.asarray(rows["attributes"], dtype=np.float32)[local],
-            "index": piece.astype(np.int64),
-        }
-    )
+    return {
+        "patches": np.ascontiguousarray(np.asarray(rows["patches"])[local], dtype=np.float16),
+        "label": task_labels(store_labels(rows, unsure_range)[local], task).astype(np.int64),
+        "attributes": np.asarray(rows["attributes"], dtype=np.float32)[local],
+        "index": piece.astype(np.int64),
+    }
+
+
+def _read_rows(store: NoduleStore, task: str, unsure_range, piece: np.ndarray):
+    # ``store`` arrives pickled: pinned to the driver's version, opened lazily in this task.
+    block = read_block(store, task, piece, unsure_range)
+    block["patches"] = block["patches"].astype(np.float32)
+    yield BlockAccessor.batch_to_block(block)
 
 
 def open_training_store(config: Config) -> tuple[NoduleStore, Splits]:
@@ -212,52 +257,300 @@ def open_training_store(config: Config) -> tuple[NoduleStore, Splits]:
     return store, splits
 
 
-READ_CONCURRENCY = 2
-"""Read tasks of one dataset in flight at once."""
-
-
-def build_datasets(config: Config, store: NoduleStore, splits: Splits) -> dict[str, ray.data.Dataset]:
-    """Ray datasets ``{"train", "val"}`` over the store rows of each split.
-
-    Read tasks reserve no CPU and at most ``READ_CONCURRENCY`` run at once: Ray Train splits the
-    datasets after its workers hold their CPUs, so reads that asked for a CPU of their own would
-    wait forever on a cluster the workers fill (two 1-CPU nodes, two workers). They are short and
-    mostly wait on storage, so sharing the workers' cores costs little.
-    """
-    return {
-        name: ray.data.read_datasource(
-            NoduleDatasource(
-                store, getattr(splits, name), task=config.data.task, unsure_range=config.data.unsure_range
-            ),
-            num_cpus=0,
-            concurrency=READ_CONCURRENCY,
-        )
-        for name in ("train", "val")
-    }
-
-
 def _check_store_matches(store: NoduleStore, config: Config) -> None:
     """The config's ``prepare`` section must describe how the store's patches were cut: the
     checkpoint carries this config, and ``cliplung predict`` cuts new patches with it."""
     check_preprocessing(store_preprocessing(store), config.prepare, source=f"store {store.path}")
 
 
-class DeterministicShards(ray.train.DataConfig):
-    """Splits ``train`` into fixed, equal per-worker shards (``Dataset.split(equal=True)``).
+# --------------------------------------------------------------------------- training input
 
-    ``val`` is split without dropping rows, so every validation nodule is scored exactly once
-    (metrics are gathered across workers).
-    """
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output: list[dict] = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            # Train's default ingest options (carried over from the driver's DataContext), with the
-            # row order kept: a shard's content must not depend on which read task finished first.
-            options = self.default_ingest_options()
-            options.preserve_order = True
-            ds.context.execution_options = options
-            for rank, piece in enumerate(ds.split(world_size, equal=(name == "train"))):
-                output[rank][name] = piece.iterator()
-        return output
+def rank_rows(rows: np.ndarray, rank: int, world: int, *, equal: bool) -> np.ndarray:
+    """Rank ``rank``'s fixed share of the sorted ``rows``: the ``rank``-th of ``world`` contiguous
+    pieces, equal in length (``equal``, the remainder dropped) or near-equal (none dropped)."""
+    if equal:
+        per = len(rows) // world
+        return rows[rank * per : (rank + 1) * per]
+    return np.array_split(rows, world)[rank]
+
+
+def shuffle_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator of a worker's data order in an epoch: a function of (seed, epoch, rank) only,
+    and a stream apart from the augmentation's (:func:`cliplung.data.augment.epoch_generator`)."""
+    digest = hashlib.blake2b(f"order|{seed}|{epoch}|{rank}".encode(), digest_size=8).digest()
+    gen = torch.Generator()
+    gen.manual_seed(int.from_bytes(digest, "little") % (2**63 - 1))
+    return gen
+
+
+def _row_bytes(store: NoduleStore) -> int:
+    p = int(store.attrs.get("patch_size", 0)) or int(store.array("patches").shape[1])
+    return p**3 * 2 + ROW_EXTRA_BYTES
+
+
+def in_memory_bytes(store: NoduleStore, splits: Splits) -> int:
+    """Bytes the training and validation rows take in memory (float16 patches)."""
+    return (len(splits.train) + len(splits.val)) * _row_bytes(store)
+
+
+def stream_memory_bytes(store: NoduleStore, data: DataConfig) -> int:
+    """The most row bytes a streaming worker holds: its shuffle window plus the blocks in flight
+    (and as much again while a window is turned into device tensors)."""
+    return (data.stream_window_blocks + data.stream_readers) * data.stream_block_rows * _row_bytes(store)
+
+
+def ingest_mode(config: Config, store: NoduleStore, splits: Splits) -> str:
+    """``memory`` or ``stream`` for this run (``data.ingest``; ``auto`` by the memory budget)."""
+    if config.data.ingest != "auto":
+        return config.data.ingest
+    fits = in_memory_bytes(store, splits) <= config.data.memory_budget_mb * 2**20
+    return "memory" if fits else "stream"
+
+
+def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def _to_tensors(block: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    # np.array copies: object-store arrays are read-only, and the copy is the worker's own.
+    return {k: to_device(torch.from_numpy(np.array(v)), device) for k, v in block.items()}
+
+
+def _slices(tensors: dict[str, torch.Tensor], order: torch.Tensor, size: int, *, drop_last: bool):
+    n = len(order)
+    stop = n - n % size if drop_last else n
+    for start in range(0, stop, size):
+        idx = order[start : start + size]
+        yield {k: v.index_select(0, idx) for k, v in tensors.items()}
+
+
+class MemoryData:
+    """A worker's training input in ``memory`` mode: its shards (object-store refs) collected onto
+    ``device`` at first use, reshuffled per epoch by :func:`shuffle_generator`."""
+
+    def __init__(self, train_ref, val_ref, *, seed: int, rank: int, device: torch.device) -> None:
+        self._refs = {"train": train_ref, "val": val_ref}
+        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.seed, self.rank, self.device = seed, rank, torch.device(device)
+
+    @classmethod
+    def of_arrays(cls, train: dict, val: dict, *, seed: int, rank: int, device="cpu") -> MemoryData:
+        """From host arrays (no Ray): what a worker would hold (tests, benchmarks)."""
+        data = cls(None, None, seed=seed, rank=rank, device=torch.device(device))
+        data._tensors = {"train": _to_tensors(train, data.device), "val": _to_tensors(val, data.device)}
+        return data
+
+    def _split(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._tensors:
+            self._tensors[name] = _to_tensors(ray.get(self._refs[name]), self.device)
+            self._refs[name] = None  # the worker's copy is what it reads from now on
+        return self._tensors[name]
+
+    def train_batches(self, epoch: int, micro: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Epoch ``epoch``'s micro-batches (every one full), on the device."""
+        tensors = self._split("train")
+        n = len(tensors["label"])
+        order = torch.randperm(n, generator=shuffle_generator(self.seed, epoch, self.rank))
+        yield from _slices(tensors, to_device(order, self.device), micro, drop_last=True)
+
+    def val_batches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        tensors = self._split("val")
+        order = torch.arange(len(tensors["label"]), device=self.device)
+        yield from _slices(tensors, order, size, drop_last=False)
+
+
+class _Reader:
+    """A reader process of a streaming worker (one Ray actor each, for the whole run: its imports
+    and open store are paid once, not per epoch or per block)."""
+
+    def __init__(self, store: NoduleStore, task: str, unsure_range=DEFAULT_UNSURE_RANGE) -> None:
+        self.store, self.task, self.unsure_range = store, task, unsure_range
+
+    def read(self, piece: np.ndarray) -> dict[str, np.ndarray]:
+        return read_block(self.store, self.task, piece, self.unsure_range)
+
+
+@functools.cache
+def _reader_actor():
+    # No CPU of its own (see the module docstring); restarted, with its call retried, if it dies.
+    return ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(_Reader)
+
+
+class StreamData:
+    """A worker's training input in ``stream`` mode: its fixed shard read every epoch, block by
+    block, by reader actors running ahead of the steps (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: NoduleStore,
+        task: str,
+        train_rows: np.ndarray,
+        val_rows: np.ndarray,
+        *,
+        seed: int,
+        rank: int,
+        device: torch.device,
+        block_rows: int,
+        readers: int,
+        window: int,
+        unsure_range=DEFAULT_UNSURE_RANGE,
+    ) -> None:
+        self.store, self.task, self.unsure_range = store, task, unsure_range
+        self.rows = {"train": np.asarray(train_rows, np.int64), "val": np.asarray(val_rows, np.int64)}
+        self.seed, self.rank, self.device = seed, rank, torch.device(device)
+        self.block_rows, self.readers, self.window = block_rows, readers, window
+        self._actors: list | None = None
+
+    def _blocks(self, pieces: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """The blocks of ``pieces`` in that order; ``readers`` reads in flight ahead of the one
+        being consumed, block ``i`` read by reader ``i % readers``."""
+        if self._actors is None:
+            actor = _reader_actor()
+            self._actors = [
+                actor.remote(self.store, self.task, self.unsure_range) for _ in range(self.readers)
+            ]
+        ahead = enumerate(pieces)
+        pending: collections.deque = collections.deque()
+
+        def submit() -> None:
+            item = next(ahead, None)
+            if item is not None:
+                i, piece = item
+                pending.append(self._actors[i % self.readers].read.remote(piece))
+
+        for _ in range(self.readers):
+            submit()
+        while pending:
+            ref = pending.popleft()
+            submit()
+            yield ray.get(ref)
+
+    def epoch_pieces(self, epoch: int) -> list[np.ndarray]:
+        """This worker's blocks of training rows in epoch ``epoch``'s order."""
+        pieces = _runs(self.rows["train"], self.block_rows)
+        order = torch.randperm(len(pieces), generator=shuffle_generator(self.seed, epoch, self.rank))
+        return [pieces[i] for i in order.tolist()]
+
+    def train_batches(self, epoch: int, micro: int) -> Iterator[dict[str, torch.Tensor]]:
+        gen = shuffle_generator(self.seed, epoch + 1_000_003, self.rank)  # within-window order
+        pieces = self.epoch_pieces(epoch)
+        pool: list[dict[str, np.ndarray]] = []
+        for i, block in enumerate(self._blocks(pieces)):
+            pool.append(block)
+            if len(pool) < self.window and i < len(pieces) - 1:
+                continue
+            rows = _concat(pool)
+            n = len(rows["label"])
+            keep = n - n % micro
+            perm = torch.randperm(n, generator=gen).numpy()
+            # Rows past the last full micro-batch carry over into the next window.
+            pool = [{k: v[perm[keep:]] for k, v in rows.items()}] if keep < n else []
+            if keep:
+                tensors = _to_tensors({k: v[perm[:keep]] for k, v in rows.items()}, self.device)
+                order = torch.arange(keep, device=self.device)
+                yield from _slices(tensors, order, micro, drop_last=True)
+
+    def val_batches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        for block in self._blocks(_runs(self.rows["val"], self.block_rows)):
+            tensors = _to_tensors(block, self.device)
+            yield from _slices(
+                tensors, torch.arange(len(block["label"]), device=self.device), size, drop_last=False
+            )
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the driver hands every training worker (``train_loop_config["data"]``)."""
+
+    mode: str
+    seed: int
+    task: str
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    store: NoduleStore | None = None
+    """``stream``: the store, pinned to the driver's version."""
+    refs: tuple = ()
+    """``memory``: per rank, the object-store refs of its (train, val) shards."""
+    block_rows: int = 256
+    readers: int = 2
+    window: int = 4
+    unsure_range: tuple[float, float] = DEFAULT_UNSURE_RANGE
+
+    def for_worker(self, rank: int, world: int, device: torch.device) -> MemoryData | StreamData:
+        if self.mode == "memory":
+            train_ref, val_ref = self.refs[rank]
+            return MemoryData(train_ref, val_ref, seed=self.seed, rank=rank, device=device)
+        return StreamData(
+            self.store,
+            self.task,
+            rank_rows(self.train_rows, rank, world, equal=True),
+            rank_rows(self.val_rows, rank, world, equal=False),
+            seed=self.seed,
+            rank=rank,
+            device=device,
+            block_rows=self.block_rows,
+            readers=self.readers,
+            window=self.window,
+            unsure_range=self.unsure_range,
+        )
+
+
+def read_rows_in_blocks(
+    store: NoduleStore, task: str, rows: np.ndarray, block_rows: int, unsure_range=DEFAULT_UNSURE_RANGE
+) -> dict[str, np.ndarray]:
+    """The store rows ``rows`` (sorted), read ``block_rows`` at a time, as one block."""
+    if len(rows) == 0:
+        return _empty_block(store)
+    return _concat([read_block(store, task, piece, unsure_range) for piece in _runs(rows, block_rows)])
+
+
+def _empty_block(store: NoduleStore) -> dict[str, np.ndarray]:
+    p = int(store.attrs.get("patch_size", 0)) or int(store.array("patches").shape[1])
+    return {
+        "patches": np.zeros((0, p, p, p), np.float16),
+        "label": np.zeros(0, np.int64),
+        "attributes": np.zeros((0, 8), np.float32),
+        "index": np.zeros(0, np.int64),
+    }
+
+
+def build_data_plan(
+    config: Config, store: NoduleStore, splits: Splits, mode: str | None = None, shared=None
+) -> DataPlan:
+    """The run's :class:`DataPlan`; in ``memory`` mode this reads the rows and puts every worker's
+    shards into Ray's object store (Ray must be running). Reads here run on the driver, once per
+    run, and retry transient object-store errors. ``shared``: a
+    :class:`cliplung.data.shared.SharedSplitData` already read for this split (``compare``), whose
+    rows the shards are cut from instead of reading them again (``memory`` mode only)."""
+    d, world = config.data, config.train.workers
+    mode = mode or ingest_mode(config, store, splits)
+    plan = DataPlan(
+        mode=mode,
+        seed=config.train.seed,
+        task=d.task,
+        train_rows=splits.train,
+        val_rows=splits.val,
+        block_rows=d.stream_block_rows,
+        readers=d.stream_readers,
+        window=d.stream_window_blocks,
+        unsure_range=tuple(d.unsure_range),
+    )
+    if mode == "stream":
+        if shared is not None:
+            shared.check(config, splits)
+        return dataclasses.replace(plan, store=store)
+    source = shared.arrays_for(config, splits) if shared is not None else None
+    refs = []
+    for rank in range(world):
+        shards = []
+        for name, rows, equal in (("train", splits.train, True), ("val", splits.val, False)):
+            mine = rank_rows(rows, rank, world, equal=equal)
+            if source is None:
+                shard = read_rows_in_blocks(store, d.task, mine, d.stream_block_rows, d.unsure_range)
+            else:  # the split's rows are sorted and this rank's share is a run of them
+                where = np.searchsorted(rows, mine)
+                shard = {k: v[where] for k, v in source[name].items()}
+            shards.append(shard)
+        refs.append(tuple(ray.put(shard) for shard in shards))
+    return dataclasses.replace(plan, refs=tuple(refs))

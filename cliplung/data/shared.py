@@ -1,18 +1,14 @@
-"""One split's training and validation data, read once and shared by every run trained on it.
+"""One split's training and validation rows, read once and shared by every run trained on it.
 
 ``cliplung compare`` trains several methods on the same folds: every method's fold ``k`` has the
-same store, the same patient-level split and the same labels, so the rows its workers read are the
-same. Each run reading them again through its own Ray Data read tasks costs more than the reading
-itself: every read task starts in a fresh Ray worker process (about 20 s per run on two busy cores
-for the debug preset's ~2,100 training and validation nodules, more than a debug epoch).
-:class:`SharedSplitData` reads the rows once, in the process that builds it, into blocks in Ray's
-object store (``ray.data.from_arrow``: a materialised dataset, no read task), and
-:func:`cliplung.train.trainer.train` takes its datasets instead of building its own when the
-split it computed is the one the data was read for (else it refuses: a run never trains on rows
-its own split would not give it).
-
-The rows, their order and their values are those of :class:`cliplung.data.ingest.NoduleDatasource`
-(the same function reads them); the blocks hold ``BLOCK_ROWS`` rows each.
+same store, the same patient-level split and the same labels, so the rows its workers get are the
+same. :class:`SharedSplitData` reads them once, in the process that builds it (the rows, their
+order and values are those of :func:`cliplung.data.ingest.read_rows_in_blocks`, the function every
+run's own read uses), and keeps them in Ray's object store; :func:`cliplung.train.trainer.train`
+cuts its workers' in-memory shards from them instead of reading the store again, when the split it
+computed is the one the data was read for (else it refuses: a run never trains on rows its own
+split would not give it). A run in ``stream`` mode reads its own blocks (the store is too big to
+hold, which is what streaming is for).
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cliplung.config import Config
-from cliplung.data.ingest import Splits, _read_rows
+from cliplung.data.ingest import Splits, read_rows_in_blocks
 from cliplung.data.store import NoduleStore
 
 __all__ = ["BLOCK_ROWS", "SharedSplitData", "split_key"]
@@ -44,29 +40,34 @@ def split_key(config: Config, splits: Splits) -> str:
 
 
 class SharedSplitData:
-    """The ``train`` and ``val`` datasets of one split, materialised once (module docstring)."""
+    """The ``train`` and ``val`` rows of one split, read once (module docstring)."""
 
     def __init__(self, config: Config, store: NoduleStore, splits: Splits) -> None:
-        import ray.data
+        import ray
 
         self.key = split_key(config, splits)
-        self.datasets: dict[str, Any] = {}
-        for name in ("train", "val"):
-            rows = np.asarray(getattr(splits, name), dtype=np.int64)
-            blocks = [
-                block
-                for start in range(0, len(rows), BLOCK_ROWS)
-                for block in _read_rows(
-                    store, config.data.task, config.data.unsure_range, rows[start : start + BLOCK_ROWS]
+        d = config.data
+        self._refs: dict[str, Any] = {
+            name: ray.put(
+                read_rows_in_blocks(
+                    store, d.task, np.asarray(getattr(splits, name), np.int64), BLOCK_ROWS, d.unsure_range
                 )
-            ]
-            self.datasets[name] = ray.data.from_arrow(blocks)
+            )
+            for name in ("train", "val")
+        }
 
-    def datasets_for(self, config: Config, splits: Splits) -> dict[str, Any]:
-        """The datasets, for a run whose split is ``splits``; ValueError when it is another one."""
+    def arrays_for(self, config: Config, splits: Splits) -> dict[str, dict[str, np.ndarray]]:
+        """The rows (``train``, ``val``: column arrays in split order) for a run whose split is
+        ``splits``; ValueError when it is another one."""
+        import ray
+
+        self.check(config, splits)
+        return {name: ray.get(ref) for name, ref in self._refs.items()}
+
+    def check(self, config: Config, splits: Splits) -> None:
+        """ValueError unless ``splits`` (and the run's store and label rule) are this data's."""
         if split_key(config, splits) != self.key:
             raise ValueError(
                 f"run {config.name}: the shared data was read for another split, store or label rule "
                 "than this run's; it would train on rows its own split does not give it"
             )
-        return dict(self.datasets)

@@ -12,9 +12,12 @@ One loop for 1 CPU worker, 2 CPU workers (gloo) and N GPUs (nccl, one GPU per wo
    in a checkpoint written without optimizer state, the weights and schedule; the EMA; the epoch and
    step counter. The data order and augmentation of an epoch are functions of (seed, epoch, rank),
    so nothing else is needed to replay an interrupted epoch exactly.
-4. Each epoch: train on this worker's shard (augmented on the worker; no host synchronisation in
-   the step, see :mod:`cliplung.train.step`), evaluate the EMA model on the validation shard, gather
-   predictions from all workers, compute the metrics, and report them with a checkpoint.
+4. Each epoch: train on this worker's fixed shard (``train_loop_config["data"]``, a
+   :class:`~cliplung.data.ingest.DataPlan`: in memory on the worker's device or streamed from the
+   store, in an order drawn from (seed, epoch, rank); augmented on the worker; no host
+   synchronisation in the step, see :mod:`cliplung.train.step`), evaluate the EMA model on the
+   validation shard, gather predictions from all workers, compute the metrics, and report them
+   with a checkpoint.
 5. A non-finite loss or EMA ends the run at that step: a final report without checkpoint marks the
    divergence (``train/diverged``, ``train/divergence``) and the loop returns normally, so Ray Train
    does not retry it; the driver raises :class:`~cliplung.train.step.DivergedError`.
@@ -40,7 +43,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -72,7 +74,6 @@ __all__ = ["cosine_schedule", "deepspeed_config", "optimizer_state_due", "train_
 
 DEEPSPEED_TAG = "state"
 WEIGHTS_FILE = "weights.pt"
-SHUFFLE_BUFFER_MAX_ROWS = 4096
 FAULT_DELAY_S = 3.0
 
 
@@ -122,11 +123,11 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model: torch.nn.Module, shard, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+def _evaluate(model: torch.nn.Module, data, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and labels of this worker's validation shard (``model``: the EMA's
     image encoder and head, fp32), copied to the host once."""
     probs, labels = [], []
-    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+    for batch in data.val_batches(batch_size):
         probs.append(torch.softmax(model(batch["patches"].float()).float(), dim=1))
         labels.append(batch["label"])
     if not probs:
@@ -263,7 +264,8 @@ def _report_divergence(config: Config, divergence: Divergence, monitor: LossMoni
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point; ``loop_config`` holds ``config`` (a dict) and ``steps_per_epoch``."""
+    """Ray Train entry point; ``loop_config`` holds ``config`` (a dict), ``steps_per_epoch`` and
+    ``data`` (the :class:`~cliplung.data.ingest.DataPlan`)."""
     config = config_from_dict(loop_config["config"])
     t = config.train
     ctx = ray.train.get_context()
@@ -289,12 +291,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if rank == 0:
         _clear_divergence_record()  # a record of an earlier attempt of this run name
-    ray.data.DataContext.get_current().enable_progress_bars = False
     metrics_out = WorkerMetrics(config.name, rank, config.metrics)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    data = loop_config["data"].for_worker(rank, world, device)
     micro = t.micro_batch_size
-    shuffle_rows = min(SHUFFLE_BUFFER_MAX_ROWS, steps_per_epoch * micro)
     monitor = LossMonitor(device, names=loss_parts(config))
     stopper = EarlyStopping.from_checkpoint(t, checkpoint)
 
@@ -303,16 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         monitor.start_epoch(epoch)
         n_steps, samples, wait_total = 0, 0, 0.0
         epoch_start = time.perf_counter()
-        batches = iter(
-            train_shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                device=device,
-                local_shuffle_buffer_size=shuffle_rows,
-                local_shuffle_seed=t.seed * 100_003 + epoch,
-                pin_memory=use_gpu,  # the batch's copy to the GPU then does not block the host
-            )
-        )
+        batches = data.train_batches(epoch, micro)
         while n_steps < steps_per_epoch and monitor.divergence is None:
             step_start = time.perf_counter()
             try:
@@ -336,7 +326,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
         losses = monitor.means()
 
-        probs, labels = _gather(*_evaluate(run.ema.module, val_shard, micro * 2, device))
+        probs, labels = _gather(*_evaluate(run.ema.module, data, micro * 2))
         val = classification_metrics(labels, probs, config.data.class_names, prefix="val/")
         report = {
             "epoch": epoch,

@@ -9,7 +9,8 @@ computes the splits, records the run (:mod:`cliplung.runs`) and builds the ``Tor
 2. take the run's lease and record the run, or check that this start continues the recorded run
    (same store, same defining config);
 3. if the run already finished all its epochs, return its summary without starting workers;
-4. start or join Ray, check the run can be placed on the cluster, build the datasets and the
+4. start or join Ray, check the run can be placed on the cluster, plan the data (in memory mode:
+   the rows into Ray's object store, :func:`~cliplung.data.ingest.build_data_plan`), build the
    ``TorchTrainer`` (with the caller's Train callbacks, e.g. Tune's ``TuneReportCallback``), fit.
 
 A run is identified by ``(storage.path, name)``: running again with the same pair resumes from the
@@ -29,7 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cliplung.cluster import PlacementWatch, check_placement, ensure_ray, is_embedded
 from cliplung.config import Config
-from cliplung.data.ingest import DeterministicShards, Splits, build_datasets, open_training_store
+from cliplung.data.ingest import DataPlan, Splits, build_data_plan, open_training_store
 from cliplung.runs import CheckpointInfo, Run, best_of
 from cliplung.storage import check_endpoint, is_s3
 from cliplung.train.early_stopping import stopped_early
@@ -47,9 +48,9 @@ def steps_per_epoch(config: Config, splits: Splits) -> int:
 
 
 def build_trainer(
-    config: Config, datasets: dict, steps: int, callbacks: Sequence[ray.train.UserCallback] = ()
+    config: Config, data: DataPlan, steps: int, callbacks: Sequence[ray.train.UserCallback] = ()
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` for ``config`` over ``datasets`` (``train`` and ``val``)."""
+    """A ``TorchTrainer`` for ``config`` whose workers read ``data``."""
     t = config.train
     use_gpu = t.gpus_per_worker > 0
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
@@ -59,7 +60,7 @@ def build_trainer(
     fs, path = run.pyarrow()
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps},
+        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps, "data": data},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -76,8 +77,6 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
-        dataset_config=DeterministicShards(),
     )
 
 
@@ -175,11 +174,8 @@ def train(
             check_cuda(config, probe)
             check_precision(config, probe)
         check_placement(config)
-        if shared_data is not None:
-            datasets = shared_data.datasets_for(config, splits)
-        else:
-            datasets = build_datasets(config, store, splits)
-        trainer = build_trainer(config, datasets, steps_per_epoch(config, splits), callbacks)
+        data = build_data_plan(config, store, splits, shared=shared_data)
+        trainer = build_trainer(config, data, steps_per_epoch(config, splits), callbacks)
         with PlacementWatch(config):
             result = trainer.fit()
         if result.error:

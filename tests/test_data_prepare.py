@@ -170,16 +170,20 @@ def test_an_unexpected_error_in_one_scan_is_that_scans_error(odd_root, tmp_path,
     def broken_patch(*args, **kwargs):
         raise RuntimeError("something nobody anticipated")
 
-    monkeypatch.setattr(lidc, "extract_patch", broken_patch)
+    monkeypatch.setattr(lidc, "extract_patch", broken_patch)  # this process only: serial executor
     root = tmp_path / "one"
     shutil.copytree(odd_root / LIDC_FIXTURE_SCANS[0], root / LIDC_FIXTURE_SCANS[0])
     pattern = r"reading the series in .* failed: RuntimeError: something nobody anticipated"
     with pytest.raises(DicomError, match=pattern):
-        prepare_store(_lidc(root, workers=1, on_error="fail"), str(tmp_path / "f"), progress=False)
+        prepare_store(
+            _lidc(root, workers=1, on_error="fail"), str(tmp_path / "f"), progress=False, executor="serial"
+        )
     with pytest.raises(
         PrepareError, match=r"no nodules extracted from 1 scans \(1 skipped, e\.g\. .*" + pattern
     ):
-        prepare_store(_lidc(root, workers=1, on_error="skip"), str(tmp_path / "k"), progress=False)
+        prepare_store(
+            _lidc(root, workers=1, on_error="skip"), str(tmp_path / "k"), progress=False, executor="serial"
+        )
     assert not (tmp_path / "f").exists() and not (tmp_path / "k").exists()
 
 

@@ -192,8 +192,9 @@ def _load_weights(run: Engine, path: Path) -> None:
     run.scheduler.load_state_dict(saved["lr_scheduler"])
 
 
-def _resume(checkpoint, run: Engine, config: Config, rank: int, world: int) -> tuple[int, int, str]:
-    """Load ``checkpoint`` into the engine and EMA; (first epoch to run, global step, note)."""
+def _resume(checkpoint, run: Engine, config: Config, rank: int, world: int) -> tuple[int, int, str, dict]:
+    """Load ``checkpoint`` into the engine and EMA; (first epoch to run, global step, note, its
+    ``train_state.json``), from one local copy of the checkpoint per worker."""
     with checkpoint.as_directory() as ckpt_dir:
         ckpt_dir = Path(ckpt_dir)
         state = json.loads((ckpt_dir / TRAIN_STATE_FILE).read_text())
@@ -220,7 +221,7 @@ def _resume(checkpoint, run: Engine, config: Config, rank: int, world: int) -> t
         rng_file = ckpt_dir / f"rng_rank{rank}.pt"
         if rng_file.exists():
             torch.set_rng_state(torch.load(rng_file, weights_only=True))
-    return int(state["epoch"]) + 1, int(state["global_step"]), note
+    return int(state["epoch"]) + 1, int(state["global_step"]), note, state
 
 
 def _validation_keys(config: Config) -> list[str]:
@@ -282,10 +283,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = loop_config["steps_per_epoch"]  # micro-batches per worker per epoch
     run = build_engine(config, model, device, max(1, steps_per_epoch // t.grad_accum))
 
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, resumed_state = 0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        start_epoch, global_step, note = _resume(checkpoint, run, config, rank, world)
+        start_epoch, global_step, note, resumed_state = _resume(checkpoint, run, config, rank, world)
         if rank == 0:
             _say(f"resuming from {checkpoint.path} (epoch {start_epoch} of {t.epochs} done){note}")
 
@@ -295,7 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data = loop_config["data"].for_worker(rank, world, device)
     micro = t.micro_batch_size
     monitor = LossMonitor(device, names=loss_parts(config))
-    stopper = EarlyStopping.from_checkpoint(t, checkpoint)
+    stopper = EarlyStopping(t, resumed_state)  # the record _resume read: no second copy of the checkpoint
 
     for epoch in range(start_epoch, t.epochs):
         gen = epoch_generator(t.seed, epoch, rank)

@@ -73,11 +73,9 @@ def test_resumed_stopper_decides_as_an_uninterrupted_one():
     assert resumed.history["epoch"][-1] == 5 and resumed.history["epoch"].count(5) == 1
 
 
-def test_loop_resumes_the_stopper_from_a_ray_checkpoint(tmp_path: Path):
-    """What the loop calls: :meth:`EarlyStopping.from_checkpoint` reads the record back from the
-    checkpoint's ``train_state.json`` (a real ``ray.train.Checkpoint``), None gives a fresh one."""
-    import ray.train
-
+def test_a_stopper_resumed_from_its_train_state_decides_as_the_uninterrupted_one(tmp_path: Path):
+    """What the loop does on resume: the record in the checkpoint's ``train_state.json`` (as
+    ``_resume`` read it) rebuilds the stopper; no record gives a fresh one."""
     t = _train_cfg("train.early_stopping.patience=3")
     values = [0.3, 0.4, 0.35, 0.38, 0.41, 0.39, 0.39, 0.2, 0.1]
     whole = EarlyStopping(t)
@@ -85,11 +83,11 @@ def test_loop_resumes_the_stopper_from_a_ray_checkpoint(tmp_path: Path):
     first = EarlyStopping(t)
     _run(first, values[:4])
     (tmp_path / "train_state.json").write_text(json.dumps({"epoch": 3, **first.state()}))
-    resumed = EarlyStopping.from_checkpoint(t, ray.train.Checkpoint.from_directory(str(tmp_path)))
+    resumed = EarlyStopping(t, read_train_state(str(tmp_path)))
     assert resumed.bad_epochs == first.bad_epochs and resumed.best_epoch == 1
     assert _run(resumed, values[4:], start=4) == expected[4:]
     assert resumed.state() == whole.state()
-    fresh = EarlyStopping.from_checkpoint(t, None)
+    fresh = EarlyStopping(t, None)
     assert fresh.best is None and fresh.history == {"epoch": []}
 
 

@@ -186,7 +186,9 @@ def test_checkpoint_resumes_and_holds_no_frozen_weights(tmp_path, zero, with_opt
     assert state["optimizer_state"] is with_optimizer and state["zero_stage"] == zero
 
     resumed = build_engine(cfg, _model(cfg), CPU, 10)
-    epoch, step, note = loop._resume(ray.train.Checkpoint.from_directory(str(ckpt)), resumed, cfg, 0, 1)
+    epoch, step, note, _state = loop._resume(
+        ray.train.Checkpoint.from_directory(str(ckpt)), resumed, cfg, 0, 1
+    )
     assert (epoch, step) == (1, 1)
     assert ("no optimizer state" in note) is not with_optimizer
     a, b = run.engine.module.state_dict(), resumed.engine.module.state_dict()

@@ -135,13 +135,6 @@ def test_store_reads_ride_out_an_s3_outage(ray_session, s3_server, s3_store, tmp
     assert "gave up" not in log and "resuming from" not in out.out
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect, intermittent (failed in a targeted run on 2026-12-02, passed earlier that day): "
-    "resuming a 2-worker run from S3, rank 1 read a truncated model.pt from its local copy of the "
-    "checkpoint; suspected race between the ranks' Checkpoint.as_directory() copies (the loop opens the "
-    "checkpoint twice: _resume and EarlyStopping.from_checkpoint)",
-)
 def test_s3_run_storage_resumes_where_it_stopped(ray_session, s3_server, local_store, capfd):
     from cliplung.train.trainer import train
 
@@ -174,13 +167,6 @@ def test_s3_run_storage_resumes_where_it_stopped(ray_session, s3_server, local_s
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect, intermittent (2 of 4 runs on 2026-12-02): after SeaweedFS is SIGKILLed "
-    "mid-upload and restarted, the resumed run's rank 1 failed to read a DeepSpeed file of the "
-    "checkpoint it resumed from (torch: 'file read failed ... checkpoint file is corrupted'); cause not "
-    "yet found (the server losing acknowledged writes on SIGKILL, or the resume path)",
-)
 def test_s3_outage_during_checkpoint_upload_keeps_last_complete_checkpoint(
     ray_session, s3_server, local_store, capfd
 ):

@@ -16,7 +16,7 @@ from cliplung.config import AugmentConfig, load_config
 from cliplung.data.augment import augment_batch, epoch_generator
 from cliplung.data.ingest import compute_splits
 from cliplung.data.store import COMPLETION_MARKER, NoduleStore
-from cliplung.train.loop import cosine_schedule, deepspeed_config
+from cliplung.train.loop import cosine_schedule, deepspeed_config, worker_copy
 from cliplung.train.metrics import classification_metrics
 
 BUCKET = "cliplung-runs"
@@ -25,6 +25,34 @@ BUCKET = "cliplung-runs"
 @pytest.fixture(scope="module")
 def store(synthetic_store) -> NoduleStore:
     return synthetic_store
+
+
+def test_workers_of_one_node_resuming_from_remote_storage_read_their_own_copies(tmp_path):
+    """Two workers of a node resume from one remote checkpoint: the second's copy never rewrites the
+    file the first is reading (Ray's ``Checkpoint.as_directory()`` shares one download folder per node
+    and downloads into it again: the truncated ``model.pt`` reads of 2-worker S3 resumes)."""
+    import pyarrow.fs
+    import ray.train
+
+    payload = np.random.default_rng(0).bytes(4 << 20)
+    (tmp_path / "bucket" / "run" / "epoch_0000").mkdir(parents=True)
+    (tmp_path / "bucket" / "run" / "epoch_0000" / "model.pt").write_bytes(payload)
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())
+    checkpoint = ray.train.Checkpoint("run/epoch_0000", filesystem=remote)
+
+    with worker_copy(checkpoint, 0) as first:
+        before = (first / "model.pt").stat()
+        with worker_copy(checkpoint, 1) as second:
+            during = (first / "model.pt").stat()  # the first worker's file, while the second copies
+            assert (during.st_mtime_ns, during.st_size) == (before.st_mtime_ns, len(payload))
+            assert second != first and (second / "model.pt").read_bytes() == payload
+        assert (first / "model.pt").read_bytes() == payload
+    assert not first.exists() and not second.exists()  # private copies are removed after
+
+    local = ray.train.Checkpoint.from_directory(str(tmp_path / "bucket" / "run" / "epoch_0000"))
+    with worker_copy(local, 0) as same:  # a local checkpoint is read in place, never copied
+        assert same == tmp_path / "bucket" / "run" / "epoch_0000"
+    assert same.exists()
 
 
 def _config(store_path: str, storage: str, name: str, *extra: str):

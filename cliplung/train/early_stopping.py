@@ -74,15 +74,6 @@ class EarlyStopping:
             self.stopped_epoch = previous.get("stopped_epoch")
             self.history = {k: list(v) for k, v in (previous.get("history") or {"epoch": []}).items()}
 
-    @classmethod
-    def from_checkpoint(cls, train: TrainConfig, checkpoint: Any | None) -> EarlyStopping:
-        """The decision of a run resuming from ``checkpoint`` (a ``ray.train.Checkpoint``, or None
-        for a new run): its record is read back from the checkpoint's ``train_state.json``."""
-        if checkpoint is None:
-            return cls(train)
-        with checkpoint.as_directory() as directory:
-            return cls(train, read_train_state(directory))
-
     def _improves(self, value: float) -> bool:
         if self.best is None:
             return True

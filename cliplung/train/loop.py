@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -192,11 +193,27 @@ def _load_weights(run: Engine, path: Path) -> None:
     run.scheduler.load_state_dict(saved["lr_scheduler"])
 
 
+@contextlib.contextmanager
+def worker_copy(checkpoint, rank: int):
+    """A local directory with the files of ``checkpoint`` that this worker alone reads: the
+    checkpoint's own folder when it is on a local filesystem, else a private download, removed after.
+
+    Not ``Checkpoint.as_directory()``: for a remote checkpoint it downloads into one temporary folder
+    per checkpoint and node that all the node's workers share, and a worker that comes second
+    downloads again into that folder while the first is reading it, so the first reads a truncated
+    file (``model.pt``, DeepSpeed state) when two workers of a node resume from S3."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"cliplung-resume-rank{rank}-") as tmp:
+        checkpoint.to_directory(tmp)
+        yield Path(tmp)
+
+
 def _resume(checkpoint, run: Engine, config: Config, rank: int, world: int) -> tuple[int, int, str, dict]:
     """Load ``checkpoint`` into the engine and EMA; (first epoch to run, global step, note, its
-    ``train_state.json``), from one local copy of the checkpoint per worker."""
-    with checkpoint.as_directory() as ckpt_dir:
-        ckpt_dir = Path(ckpt_dir)
+    ``train_state.json``), from this worker's own copy of the checkpoint (:func:`worker_copy`)."""
+    with worker_copy(checkpoint, rank) as ckpt_dir:
         state = json.loads((ckpt_dir / TRAIN_STATE_FILE).read_text())
         check_resume(config, state, world_size=world, checkpoint=str(checkpoint.path))
         note = ""

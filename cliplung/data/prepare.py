@@ -322,11 +322,18 @@ def _processes(jobs: list, call: Callable, workers: int) -> Iterator[ScanBlock]:
         suspects: list = []
         pool = ProcessPoolExecutor(min(workers, len(queue)), mp_context=context)
         running: dict = {}
+        broken = False
         try:
-            while (queue or running) and not suspects:
+            while (queue or running) and not suspects and not broken:
                 while queue and len(running) < 2 * workers:
-                    job = queue.pop(0)
-                    running[pool.submit(call, job)] = job
+                    try:
+                        future = pool.submit(call, queue[0])
+                    except BrokenProcessPool:  # broke since the last wait: the job never ran
+                        broken = True
+                        break
+                    running[future] = queue.pop(0)
+                if broken:
+                    break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     job = running.pop(future)

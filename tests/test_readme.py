@@ -34,6 +34,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+README_CHECKOUT = "/work/main"
+"""The checkout path in the outputs README shows (where they were recorded): like the scratch copy's
+and this checkout's own path, it reads as ``<repo>``, so the check holds in a clone anywhere (CI's)."""
 README = Path(os.environ.get("CLIPLUNG_README", REPO / "README.md"))
 BLOCK_TIMEOUT_S = 20 * 60
 SERVERS = ("optuna-dashboard", "tensorboard")
@@ -209,10 +212,26 @@ def test_readme_parses_and_every_skip_has_a_reason():
             assert block.skip_reason != "marked skip", f"README line {block.line}: skip without a reason"
 
 
+def _roots(scratch: Path, repo: Path = REPO) -> tuple[str, ...]:
+    """The paths that read as ``<repo>`` when output is compared with README."""
+    return (str(scratch), str(repo), README_CHECKOUT)
+
+
+def test_outputs_recorded_in_another_checkout_match_this_one(tmp_path):
+    """README's outputs were recorded in ``README_CHECKOUT``; run in a clone elsewhere (CI clones to
+    its own path) the same lines must match (they did not: the first clean-clone run failed here)."""
+    scratch, clone = tmp_path / "repo", Path("/check/work/main")
+    shown = f"  run directory:     {README_CHECKOUT}/runs/quickstart"
+    roots = _roots(scratch, clone)
+    for printed in (f"{scratch}/runs/quickstart", f"{clone}/runs/quickstart"):
+        assert _missing(shown, f"  run directory:     {printed}\n", roots) == []
+    assert _missing(shown, "  run directory:     /elsewhere/runs/quickstart\n", roots) == [shown]
+
+
 def test_every_readme_command_block_runs_as_printed(tmp_path_factory):
     scratch = _scratch_copy(tmp_path_factory.mktemp("readme") / "repo")
     env = _environment(scratch)
-    roots = (str(scratch), str(REPO))
+    roots = _roots(scratch)
     out_dir = Path(os.environ.get("CLIPLUNG_README_OUT") or scratch)
     transcript: list[str] = []
     failures: list[str] = []

@@ -21,6 +21,7 @@ from cliplung.arguments import (
     environment_overrides,
     exit_code,
 )
+from cliplung.bench import GPU_SECTIONS
 from cliplung.config import ConfigError, load_config
 from cliplung.data.store import StoreError
 from cliplung.evaluate.cli import register as register_evaluate
@@ -147,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "gpu":
         from cliplung.bench.gpu import bench_gpu
 
-        bench_gpu(dry_run=args.dry_run, as_json=args.json)
+        bench_gpu(dry_run=args.dry_run, as_json=args.json, skip=tuple(args.skip))
     elif args.what == "train":
         from cliplung.bench.train import bench_train
 
@@ -266,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: model, ingest, train, tune, predict, gpu")
     p.add_argument("what", choices=["model", "ingest", "train", "tune", "predict", "gpu"])
     p.add_argument("--dry-run", action="store_true", help="gpu: the same code at tiny sizes on the CPU")
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=GPU_SECTIONS,
+        help="gpu: a section not to run (repeatable)",
+    )
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

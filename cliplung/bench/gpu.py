@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cliplung.bench import GPU_SECTIONS
 from cliplung.bench.model import _gpu_peak, bench_model
 from cliplung.bench.syncs import HostSyncCounter
 from cliplung.config import ATTRIBUTES, apply_overrides
@@ -466,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S)
     parser.add_argument("--json", action="store_true", help="one JSON line")
-    parser.add_argument("--skip", action="append", default=[], help="a section not to run (repeatable)")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=GPU_SECTIONS, help="a section not to run (repeatable)"
+    )
     args = parser.parse_args(argv)
     bench_gpu(dry_run=args.dry_run, budget_s=args.budget_s, as_json=args.json, skip=tuple(args.skip))
     return 0

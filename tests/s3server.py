@@ -70,6 +70,7 @@ class SeaweedS3:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.access_key = access_key
         self.secret_key = secret_key
+        self._default_client = None  # made by client() at first use, then reused
         self.identities = root / "identities.json"
         self.identities.write_text(
             json.dumps(
@@ -169,7 +170,7 @@ class SeaweedS3:
         import botocore.config
         import botocore.session
 
-        if not overrides and getattr(self, "_default_client", None) is not None:
+        if not overrides and self._default_client is not None:
             return self._default_client
 
         kwargs = {

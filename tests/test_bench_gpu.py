@@ -8,7 +8,7 @@ import pytest
 from torch_threads import one_torch_thread  # noqa: F401 - autouse fixture
 
 from cliplung import cli
-from cliplung.bench import gpu
+from cliplung.bench import GPU_SECTIONS, gpu
 
 
 def test_gpu_bench_dry_run_runs_every_section(capsys) -> None:
@@ -32,7 +32,7 @@ def test_gpu_bench_dry_run_runs_every_section(capsys) -> None:
 @pytest.mark.slow
 def test_gpu_bench_dry_run_data_path(ray_session, capsys) -> None:
     # The other sections: test_gpu_bench_dry_run_runs_every_section (they ran here twice before).
-    others = [a for name in ("train_step", "text_path", "sync_debug", "predict") for a in ("--skip", name)]
+    others = [a for name in GPU_SECTIONS if name != "data_path" for a in ("--skip", name)]
     assert cli.main(["bench", "gpu", "--dry-run", "--json", *others]) == cli.EXIT_OK
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["predict"] == {"skipped": "asked to (--skip)"}

@@ -324,7 +324,7 @@ def _processes(jobs: list, call: Callable, workers: int) -> Iterator[ScanBlock]:
         running: dict = {}
         broken = False
         try:
-            while (queue or running) and not suspects and not broken:
+            while (queue or running) and not suspects:
                 while queue and len(running) < 2 * workers:
                     try:
                         future = pool.submit(call, queue[0])

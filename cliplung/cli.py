@@ -127,15 +127,16 @@ DEFAULT_BENCH_STORE = "stores/phantom"
 def cmd_bench(args: argparse.Namespace) -> int:
     """Every benchmark gets the flags that apply to it; a flag it cannot use is an error."""
     store = args.data or DEFAULT_BENCH_STORE
+    batch = {} if args.batch is None else {"batch": args.batch}  # else each benchmark's own default
     if args.what == "model":
         from cliplung.bench.model import bench_model
 
-        bench_model(args.preset, batch=args.batch, device=args.device, steps=args.steps, as_json=args.json)
+        bench_model(args.preset, **batch, device=args.device, steps=args.steps, as_json=args.json)
     elif args.what == "ingest":
         from cliplung.bench.ingest import bench_ingest
 
         # Without --data: temporary random stores at 16^3 and 32^3.
-        bench_ingest(args.data, batch=args.batch, epochs=args.steps, as_json=args.json)
+        bench_ingest(args.data, **batch, epochs=args.steps, as_json=args.json)
     elif args.what == "tune":
         from cliplung.bench.tune import bench_tune
 
@@ -144,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from cliplung.bench.predict import bench_predict
 
         # Without --data: a temporary random store (the bench measures the model, not the data).
-        bench_predict(args.preset, batch=args.batch, steps=args.steps, data=args.data, as_json=args.json)
+        bench_predict(args.preset, **batch, steps=args.steps, data=args.data, as_json=args.json)
     elif args.what == "gpu":
         from cliplung.bench.gpu import bench_gpu
 
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gpu: a section not to run (repeatable)",
     )
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, help="batch size (default: model 8, ingest 32, predict 32)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
         "--steps", type=int, default=5, help="timed steps (model, predict) or epochs (ingest, train)"

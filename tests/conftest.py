@@ -19,6 +19,7 @@ import os
 
 import pytest
 from pgserver import pg_server  # noqa: F401  (the suite's PostgreSQL, tests/pgserver.py)
+from rayenv import RAY_TRAIN_TEST_ENV
 from s3server import s3_server  # noqa: F401  (the session's SeaweedFS S3 server fixture)
 
 TEST_AWS_ACCESS_KEY_ID = "CLIPLUNGTESTKEY7F3A"
@@ -34,6 +35,8 @@ def pytest_configure(config):
     os.environ.pop("AWS_ENDPOINT_URL", None)
     os.environ.pop("RAY_ADDRESS", None)  # never join a cluster from the developer's shell
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for name, value in RAY_TRAIN_TEST_ENV.items():  # Ray Train's poll interval, no preemption watcher
+        os.environ.setdefault(name, value)  # (tests/rayenv.py says why)
 
 
 @pytest.fixture(scope="session")

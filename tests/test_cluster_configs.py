@@ -27,6 +27,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from rayenv import own_ray_env
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -298,7 +299,7 @@ def local_cluster() -> Iterator[LocalCluster]:
         # A fresh HOME so no ~/.ray/auth_token of the user's can stand in for the cluster's token.
         home = temp_dir / "home"
         home.mkdir()
-        client_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
+        client_env = own_ray_env() | {"HOME": str(home)}
         yield LocalCluster(temp_dir, up, sids, ports, exports, client_env | exports)
     finally:
         run_script("down", temp_dir=temp_dir, timeout=180)

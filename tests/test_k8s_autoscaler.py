@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rayenv import own_ray_env
 from test_cluster_configs import RAY_BIN, _naming
 from test_k8s_manifests import HEAD, _cluster, ray_view
 
@@ -126,7 +127,7 @@ class FakeCluster:
         token = root / "auth_token"
         token.write_text(os.urandom(32).hex())
         token.chmod(0o600)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        self.env = own_ray_env() | {
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
             "RAY_AUTH_MODE": "token",

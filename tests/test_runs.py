@@ -4,6 +4,7 @@ S3 server in ``test_s3_runs.py``), and one override path for the CLI flags."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -283,3 +284,27 @@ def test_bench_passes_its_flags_through(monkeypatch, capsys):
     monkeypatch.setattr("cliplung.bench.predict.bench_predict", fake)
     assert cli.main(["bench", "predict", "--data", "x", "--json", "--batch", "3", "--steps", "2"]) == 0
     assert seen["data"] == "x" and seen["as_json"] is True and seen["batch"] == 3 and seen["steps"] == 2
+
+
+@pytest.mark.parametrize(("what", "module", "function", "batch"), [
+    ("model", "model", "bench_model", 8), ("ingest", "ingest", "bench_ingest", 32),
+    ("predict", "predict", "bench_predict", 32),
+])  # fmt: skip
+def test_each_bench_keeps_its_own_batch_unless_one_is_given(monkeypatch, what, module, function, batch):
+    """README's `cliplung bench ingest --json` is at batch 32; a CLI-wide default of 8 used to
+    replace it (and predict's 32) silently."""
+    import inspect
+
+    target = f"cliplung.bench.{module}.{function}"
+    seen = {}
+    real = inspect.signature(getattr(importlib.import_module(f"cliplung.bench.{module}"), function))
+
+    def fake(*args, **kwargs):
+        seen.update(real.bind(*args, **kwargs).arguments)
+        return {}
+
+    monkeypatch.setattr(target, fake)
+    assert cli.main(["bench", what, "--json"]) == 0
+    assert seen.get("batch", real.parameters["batch"].default) == batch
+    assert cli.main(["bench", what, "--json", "--batch", "5"]) == 0
+    assert seen["batch"] == 5

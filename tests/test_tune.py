@@ -27,6 +27,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from rayenv import own_ray_env
 
 from cliplung.config import ConfigError, dump_config, load_config
 from cliplung.tune.cli import parse_resources, register, tune_config
@@ -593,7 +594,7 @@ def fake_gpu_cluster(tmp_path_factory):
     token = Path(temp) / "token"
     token.write_text(secrets.token_hex(32))
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env = own_ray_env()
     env.update(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ADDRESS=f"127.0.0.1:{port}",
         PYTHONPATH=os.pathsep.join([str(Path(temp) / "hook"), str(REPO)]),

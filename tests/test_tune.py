@@ -325,6 +325,39 @@ def test_searcher_tags_trials_steps_by_epoch_and_prunes_early_stops(tmp_path):
     assert trials["broken"].state == TrialState.FAIL
 
 
+def test_a_resumed_searcher_does_not_draw_the_configurations_again(tmp_path):
+    """A driver killed and started again reopens the study with the same seed; its sampler must
+    not start the seeded sequence over, or the resumed search trains the first configurations a
+    second time (found when a killed PostgreSQL search ended with two equal learning rates)."""
+    import pickle
+
+    from cliplung.tune.study import EPOCHS_DONE, StudySearcher
+
+    def searcher():
+        plan = search_space(load_config("debug"))
+        return StudySearcher(
+            plan.distributions, metric="val/macro_f1", mode="max", seed=0, study_name="s",
+            study_url=f"sqlite:///{tmp_path}/study.db", max_epochs=1,
+        )  # fmt: skip
+
+    first = searcher()
+    drawn = [first.suggest(f"t{i}") for i in range(3)]
+    for i in range(3):
+        first.on_trial_complete(f"t{i}", {"val/macro_f1": 0.1 * i, EPOCHS_DONE: 1})
+    resumed = pickle.loads(pickle.dumps(first))  # what Tune restores after the driver died
+    again = [resumed.suggest(f"r{i}") for i in range(3)]
+    fresh = searcher()  # a new driver process: a new searcher on the same study
+    again += [fresh.suggest(f"f{i}") for i in range(3)]
+    lrs = [d["train.lr"] for d in drawn + again]
+    assert len(set(lrs)) == len(lrs), lrs
+    # A new search with the same seed still draws the same first configurations.
+    other = StudySearcher(
+        search_space(load_config("debug")).distributions, metric="val/macro_f1", mode="max", seed=0,
+        study_name="other", study_url=f"sqlite:///{tmp_path}/study.db", max_epochs=1,
+    )  # fmt: skip
+    assert other.suggest("o0") == drawn[0]
+
+
 def test_study_is_reconciled_with_tune_when_the_search_ends():
     """A trial that failed and then succeeded on resume gets a completed copy; one whose result
     never reached the searcher is told; one asked by a dead driver (no Tune trial) is closed."""

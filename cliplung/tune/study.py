@@ -18,8 +18,9 @@ configs and checkpoints, ``best.yaml``, the searcher Tune pickles), and
 written on Optuna's public API alone (``Study.ask``/``tell``, ``Trial.report``, the storage's
 public methods), so no private attribute of Ray's ``OptunaSearch`` or of Optuna is touched:
 
-* ``suggest``: asks the study (TPE sampler seeded with ``tune.seed``) for a trial over the plan's
-  distributions and tags it with the Ray trial id;
+* ``suggest``: asks the study (TPE sampler seeded with ``tune.seed``, plus the number of trials
+  already in the study when a resumed driver reopens it, so a resume never draws the search's first
+  configurations again) for a trial over the plan's distributions and tags it with the Ray trial id;
 * ``on_trial_result``: reports the metric as an intermediate value at step ``epochs_done``
   (stable across a resume, unlike Tune's ``training_iteration``);
 * ``on_trial_complete``: tells COMPLETE with the last value when the trial ran all its epochs,
@@ -252,13 +253,20 @@ class StudySearcher(Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             self._storage = open_study_storage(connect_url(self.study_url))
-            self._study = optuna.create_study(
+            study = optuna.create_study(
                 study_name=self.study_name,
                 storage=self._storage,
                 sampler=optuna.samplers.TPESampler(seed=self.seed),
                 direction="maximize" if self.mode == "max" else "minimize",
                 load_if_exists=True,
             )
+            # A study reopened by a resumed or restarted driver: a sampler seeded as at the start
+            # would draw the search's first configurations again. Seeded by the trials already in
+            # the study, a new search stays reproducible and a resumed one draws new points.
+            drawn = len(study.get_trials(deepcopy=False))
+            if drawn:
+                study.sampler = optuna.samplers.TPESampler(seed=self.seed + drawn)
+            self._study = study
         return self._study
 
     def _trial(self, trial_id: str) -> optuna.Trial:

@@ -138,25 +138,38 @@ def test_every_dashboard_query_returns_data_for_a_real_run(
     finished = time.time()
     assert summary.metrics["epoch"] == 2
 
-    # The panels are evaluated at the moment train() returned: the workers reported their last
-    # epoch and finished just before, and their series stay for LINGER_SECONDS after that.
-    at = finished
-    _wait("a scrape after the run's end", lambda: time.time() > at + 1)
-    window = f"{math.ceil(at - started) + 5}s"
-    variables = {"run": RUN, "cluster": "test", "__rate_interval": window, "__range": window}
+    # The panels are evaluated while the run's series are still exported: the workers reported
+    # their last epoch just before train() returned, and their series stay for LINGER_SECONDS
+    # after that. At the moment train() returns the newest series can still have a single sample
+    # (Ray Train's controller, polled every 0.25 s in the suite, returns as soon as the workers
+    # are done; rate() needs two), so the panels are asked at each second from 1 s after the end
+    # until every one has data or the linger is nearly over; the last moment asked is reported.
     no_gpu = not ray.cluster_resources().get("GPU")
-    empty, not_finite = [], []
-    for title, expr in dashboard_queries(variables):
-        if no_gpu and any(m in expr for m in GPU_PANELS):
-            # Ray exports GPU series only for GPUs it detected; this machine has none.
-            assert _query(base, expr, at) == [], expr
-            continue
-        result = _query(base, expr, at)
-        if not result:
-            empty.append(f"{title}: {expr}")
-        elif "cliplung_" in expr and not any(math.isfinite(float(r["value"][1])) for r in result):
-            not_finite.append(f"{title}: {expr} -> {result}")
-    assert not empty, "panels with no data:\n" + "\n".join(empty)
+
+    def evaluate(at: float) -> tuple[list[str], list[str]]:
+        window = f"{math.ceil(at - started) + 5}s"
+        variables = {"run": RUN, "cluster": "test", "__rate_interval": window, "__range": window}
+        empty, not_finite = [], []
+        for title, expr in dashboard_queries(variables):
+            if no_gpu and any(m in expr for m in GPU_PANELS):
+                # Ray exports GPU series only for GPUs it detected; this machine has none.
+                assert _query(base, expr, at) == [], expr
+                continue
+            result = _query(base, expr, at)
+            if not result:
+                empty.append(f"{title}: {expr}")
+            elif "cliplung_" in expr and not any(math.isfinite(float(r["value"][1])) for r in result):
+                not_finite.append(f"{title}: {expr} -> {result}")
+        return empty, not_finite
+
+    at = finished + 1
+    while True:
+        _wait("a scrape after that moment", lambda: time.time() > at + 1)  # noqa: B023
+        empty, not_finite = evaluate(at)
+        if not empty or at >= finished + LINGER_SECONDS - 5:
+            break
+        at += 1
+    assert not empty, f"panels with no data {at - finished:.0f} s after the run:\n" + "\n".join(empty)
     assert not not_finite, "panels with no finite value:\n" + "\n".join(not_finite)
     ranks = _query(base, f'cliplung_samples_per_second{{run="{RUN}"}}', at)
     assert {r["metric"]["rank"] for r in ranks} == {"0", "1"}

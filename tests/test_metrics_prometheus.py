@@ -30,6 +30,10 @@ from cliplung.config import load_config
 PROMETHEUS = shutil.which("prometheus")
 RUN = "prom"
 LINGER_SECONDS = 15
+# Enough epochs that the run's step and checkpoint counters grow across several 1 s scrapes: with
+# 3 epochs of the small store all of them could land between two scrapes, and rate() over
+# samples that never changed is 0 (a NaN quantile), which says nothing about the queries.
+EPOCHS = 8
 GPU_PANELS = ("ray_node_gpus_utilization", "ray_node_gram_used")
 
 
@@ -126,7 +130,7 @@ def test_every_dashboard_query_returns_data_for_a_real_run(
     config = load_config(
         "debug",
         [f"data.store={synthetic_store.path}", f"storage.path={tmp_path / 'runs'}", f"name={RUN}",
-         "train.epochs=3", f"metrics.port={metrics_port}", f"metrics.linger_seconds={LINGER_SECONDS}",
+         f"train.epochs={EPOCHS}", f"metrics.port={metrics_port}", f"metrics.linger_seconds={LINGER_SECONDS}",
          "train.max_failures=0"],
     )  # fmt: skip
     (node,) = [n for n in ray.nodes() if n["Alive"]]
@@ -136,7 +140,7 @@ def test_every_dashboard_query_returns_data_for_a_real_run(
     started = time.time()
     summary = train(config)
     finished = time.time()
-    assert summary.metrics["epoch"] == 2
+    assert summary.metrics["epoch"] == EPOCHS - 1
 
     # The panels are evaluated while the run's series are still exported: the workers reported
     # their last epoch just before train() returned, and their series stay for LINGER_SECONDS
@@ -166,14 +170,16 @@ def test_every_dashboard_query_returns_data_for_a_real_run(
     while True:
         _wait("a scrape after that moment", lambda: time.time() > at + 1)  # noqa: B023
         empty, not_finite = evaluate(at)
-        if not empty or at >= finished + LINGER_SECONDS - 5:
+        if not (empty or not_finite) or at >= finished + LINGER_SECONDS - 5:
             break
         at += 1
     assert not empty, f"panels with no data {at - finished:.0f} s after the run:\n" + "\n".join(empty)
     assert not not_finite, "panels with no finite value:\n" + "\n".join(not_finite)
     ranks = _query(base, f'cliplung_samples_per_second{{run="{RUN}"}}', at)
     assert {r["metric"]["rank"] for r in ranks} == {"0", "1"}
-    assert {float(r["value"][1]) for r in _query(base, f'cliplung_epoch{{run="{RUN}"}}', at)} == {2.0}
+    assert {float(r["value"][1]) for r in _query(base, f'cliplung_epoch{{run="{RUN}"}}', at)} == {
+        EPOCHS - 1.0
+    }
 
     # Lifetime: the finished run leaves the endpoint after its linger, and Prometheus marks it stale.
     exporter = f"127.0.0.1:{metrics_port}"

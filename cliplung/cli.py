@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gpu: a section not to run (repeatable)",
     )
     p.add_argument("--preset", default="debug", choices=["debug", "paper"])
-    p.add_argument("--batch", type=int, help="batch size (default: model 8, ingest 32, predict 32)")
+    p.add_argument("--batch", type=int, help="batch size (default: each benchmark's own)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
         "--steps", type=int, default=5, help="timed steps (model, predict) or epochs (ingest, train)"

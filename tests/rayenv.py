@@ -16,7 +16,6 @@ Everything else (placement, failure handling, checkpoints) is Ray's default, as 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 RAY_TRAIN_TEST_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
@@ -24,8 +23,7 @@ RAY_TRAIN_TEST_ENV = {
 }
 
 
-def own_ray_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``env`` (default: this process's) without the caller's Ray settings (``RAY_ADDRESS``, auth,
-    temp dirs: a cluster or driver of its own sets those), with the suite's Ray Train settings."""
-    env = os.environ if env is None else env
-    return {k: v for k, v in env.items() if not k.startswith("RAY_")} | RAY_TRAIN_TEST_ENV
+def own_ray_env() -> dict[str, str]:
+    """This process's environment without the caller's Ray settings (``RAY_ADDRESS``, auth, temp
+    dirs: a cluster or driver of its own sets those), with the suite's Ray Train settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | RAY_TRAIN_TEST_ENV

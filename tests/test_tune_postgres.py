@@ -1,7 +1,7 @@
 """Searches whose Optuna study lives in a real PostgreSQL (``pg_server``, tests/pgserver.py).
 
 The main fixture is the search a RayJob runs: URL from ``OPTUNA_STORAGE``, password from a file
-(``CLIPLUNG_STUDY_DB_PASSWORD_FILE``), 4 trials x 2 epochs two at a time; its driver is killed
+(``CLIPLUNG_STUDY_DB_PASSWORD_FILE``), 3 trials x 2 epochs two at a time; its driver is killed
 after two finished trials and the same command is run again, as a RayJob retry would. A second,
 differently named search shares the database with the password inside its config. Then: nothing
 either wrote holds the password; neither touched the other's study; the dashboard serves it; a
@@ -70,7 +70,7 @@ def pg_search(ray_session, synthetic_store, pg, tmp_path_factory):
     runs = root / "runs"
     run_dir = runs / "search"
     argv = _tune_args(
-        synthetic_store.path, str(runs), "search", "--trials", "4", "--max-concurrent", "2",
+        synthetic_store.path, str(runs), "search", "--trials", "3", "--max-concurrent", "2",
         "--set", "tune.asha=false", "--address", ray_session,
     )  # fmt: skip
     before = kill_driver_after(argv, run_dir, 2, env=env)
@@ -121,7 +121,7 @@ def other_search(pg_search, ray_session, synthetic_store, pg):
 
 def test_killed_search_resumes_without_rerunning_finished_trials(pg_search):
     s = pg_search
-    assert_resumed_without_rerunning(s["summary"], s["run_dir"], s["before"], s["told"], trials=4)
+    assert_resumed_without_rerunning(s["summary"], s["run_dir"], s["before"], s["told"], trials=3)
     assert not (s["run_dir"] / "lease.json").exists(), "the finished search kept its lease"
     assert s["summary"].study_db == s["env"][STORAGE_ENV]
 
@@ -131,17 +131,17 @@ def test_search_leaves_study_best_config_table_plots_and_tensorboard_logs(pg_sea
     run_dir = s["run_dir"]
     study = optuna.load_study(study_name="search", storage=pg.url(DATABASE))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 4
+    assert len(complete) == 3
     assert {t.user_attrs[TRIAL_ID_ATTR] for t in complete} == {r["trial_id"] for r in summary.trials}
     space = s["config"].tune.space
     for t in complete:
         assert set(t.params) == SEARCHED
         assert t.params["model.n_ctx"] in space.n_ctx
         assert space.lr[0] <= t.params["train.lr"] <= space.lr[1]
-    assert len({t.params["train.lr"] for t in complete}) == 4
+    assert len({t.params["train.lr"] for t in complete}) == 3
 
     table = _read_csv(run_dir / "trials.csv")
-    assert len(table) == 4 and set(table[0]) >= SEARCHED and "val/macro_f1" in table[0]
+    assert len(table) == 3 and set(table[0]) >= SEARCHED and "val/macro_f1" in table[0]
     best = load_config(str(run_dir / "best.yaml"))
     assert best.name == "search-best" and best.model.n_ctx == study.best_trial.params["model.n_ctx"]
     assert best.train.lr == pytest.approx(study.best_trial.params["train.lr"])
@@ -158,7 +158,7 @@ def test_optuna_dashboard_serves_the_study(pg_search, pg):
     # The way the cluster's Deployment runs it: the URL without the password, libpq's PGPASSWORD.
     detail = dashboard_study(pg.url(DATABASE, password=False), "search", env={"PGPASSWORD": pg.password})
     complete = [t for t in detail["trials"] if t["state"] == "Complete"]
-    assert len(complete) == 4
+    assert len(complete) == 3
     assert {p["name"] for p in complete[0]["params"]} == SEARCHED
 
 

@@ -36,6 +36,7 @@ from cliplung.tune.study import PASSWORD_FILE_ENV, STORAGE_ENV, open_study_stora
 pytestmark = pytest.mark.slow  # a PostgreSQL server (and most tests a Ray cluster)
 
 DATABASE = "studies"
+TRIALS = 3  # the main search's trials; its driver is killed after 2 of them finished
 
 
 def error_line(err: str) -> str:
@@ -70,7 +71,7 @@ def pg_search(ray_session, synthetic_store, pg, tmp_path_factory):
     runs = root / "runs"
     run_dir = runs / "search"
     argv = _tune_args(
-        synthetic_store.path, str(runs), "search", "--trials", "3", "--max-concurrent", "2",
+        synthetic_store.path, str(runs), "search", "--trials", str(TRIALS), "--max-concurrent", "2",
         "--set", "tune.asha=false", "--address", ray_session,
     )  # fmt: skip
     before = kill_driver_after(argv, run_dir, 2, env=env)
@@ -121,7 +122,7 @@ def other_search(pg_search, ray_session, synthetic_store, pg):
 
 def test_killed_search_resumes_without_rerunning_finished_trials(pg_search):
     s = pg_search
-    assert_resumed_without_rerunning(s["summary"], s["run_dir"], s["before"], s["told"], trials=3)
+    assert_resumed_without_rerunning(s["summary"], s["run_dir"], s["before"], s["told"], trials=TRIALS)
     assert not (s["run_dir"] / "lease.json").exists(), "the finished search kept its lease"
     assert s["summary"].study_db == s["env"][STORAGE_ENV]
 
@@ -131,17 +132,17 @@ def test_search_leaves_study_best_config_table_plots_and_tensorboard_logs(pg_sea
     run_dir = s["run_dir"]
     study = optuna.load_study(study_name="search", storage=pg.url(DATABASE))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 3
+    assert len(complete) == TRIALS
     assert {t.user_attrs[TRIAL_ID_ATTR] for t in complete} == {r["trial_id"] for r in summary.trials}
     space = s["config"].tune.space
     for t in complete:
         assert set(t.params) == SEARCHED
         assert t.params["model.n_ctx"] in space.n_ctx
         assert space.lr[0] <= t.params["train.lr"] <= space.lr[1]
-    assert len({t.params["train.lr"] for t in complete}) == 3
+    assert len({t.params["train.lr"] for t in complete}) == TRIALS
 
     table = _read_csv(run_dir / "trials.csv")
-    assert len(table) == 3 and set(table[0]) >= SEARCHED and "val/macro_f1" in table[0]
+    assert len(table) == TRIALS and set(table[0]) >= SEARCHED and "val/macro_f1" in table[0]
     best = load_config(str(run_dir / "best.yaml"))
     assert best.name == "search-best" and best.model.n_ctx == study.best_trial.params["model.n_ctx"]
     assert best.train.lr == pytest.approx(study.best_trial.params["train.lr"])
@@ -158,7 +159,7 @@ def test_optuna_dashboard_serves_the_study(pg_search, pg):
     # The way the cluster's Deployment runs it: the URL without the password, libpq's PGPASSWORD.
     detail = dashboard_study(pg.url(DATABASE, password=False), "search", env={"PGPASSWORD": pg.password})
     complete = [t for t in detail["trials"] if t["state"] == "Complete"]
-    assert len(complete) == 3
+    assert len(complete) == TRIALS
     assert {p["name"] for p in complete[0]["params"]} == SEARCHED
 
 

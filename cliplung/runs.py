@@ -64,7 +64,7 @@ import numpy as np
 
 from cliplung import storage
 from cliplung.config import Config, config_from_dict, dump_config
-from cliplung.model.export import CheckpointError
+from cliplung.model.errors import CheckpointError
 
 __all__ = [
     "LEASE_HEARTBEAT_S",

@@ -1,8 +1,14 @@
 """The training input (cliplung.data.ingest): fixed shards, per-epoch order from (seed, epoch, rank),
-the memory/stream choice. Fast: no Ray (the streaming reads run in-process here; the real Ray reads
-are in the slow resume test of tests/test_train.py)."""
+the memory/stream choice. Fast: no Ray (the streaming reads run in-process here), but for one slow
+test of the reader actors on the suite's embedded Ray; training on streamed reads is in the slow
+resume test of tests/test_train.py."""
 
 from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,10 +88,10 @@ class _LocalStream(StreamData):
             yield read_block(self.store, self.task, piece, self.unsure_range)
 
 
-def _stream(store, rank=0, block_rows=8, window=2):
+def _stream(store, rank=0, block_rows=8, window=2, cls=_LocalStream):
     cfg = _config(store)
     splits = compute_splits(store, cfg.data)
-    return _LocalStream(
+    return cls(
         store,
         cfg.data.task,
         rank_rows(splits.train, rank, 2, equal=True),
@@ -159,3 +165,32 @@ def test_a_stream_plan_gives_each_rank_its_fixed_share(synthetic_store):
         assert np.array_equal(w.rows["train"], rank_rows(splits.train, rank, 2, equal=True))
         assert np.array_equal(w.rows["val"], rank_rows(splits.val, rank, 2, equal=False))
     assert (workers[0].block_rows, workers[0].readers, workers[0].window) == (256, 2, 4)
+
+
+def test_the_reader_module_imports_neither_torch_nor_ray():
+    """A streaming worker's reader actors are Ray worker processes that import only the module of
+    their class (cliplung.data.reader): each one imported torch and Ray Data (0.7 GiB resident,
+    about 3 s of CPU to start) while the class lived in cliplung.data.ingest."""
+    probe = "import sys, cliplung.data.reader; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded = set(ast.literal_eval(out))
+    assert not loaded & {"torch", "ray", "deepspeed", "open_clip", "pyarrow"}, sorted(loaded)
+
+
+@pytest.mark.slow
+def test_reader_actors_read_what_a_local_read_gives_without_loading_torch(synthetic_store, ray_session):
+    import ray
+    from ray.util.state import list_actors
+
+    from cliplung.data.reader import BlockReader
+
+    real, local = _stream(synthetic_store, cls=StreamData), _stream(synthetic_store)
+    assert _rows(real.train_batches(0, 8)) == _rows(local.train_batches(0, 8))
+    assert _rows(real.val_batches(5)) == _rows(local.val_batches(5))
+    readers = list_actors(filters=[("class_name", "=", BlockReader.__name__), ("state", "=", "ALIVE")])
+    assert len(readers) >= real.readers == 2  # this StreamData's two, at least
+    for reader in readers:
+        maps = Path(f"/proc/{reader.pid}/maps").read_text()
+        assert "libtorch" not in maps, f"reader actor {reader.pid} loaded torch"
+    for actor in real._actors:
+        ray.kill(actor)

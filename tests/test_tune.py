@@ -9,13 +9,11 @@ weak trials early. The search killed midway and resumed, with its study in Postg
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
-from rayenv import own_ray_env
+from rayenv import free_port, own_ray_env, ray_head
 
 from cliplung.config import ConfigError, dump_config, load_config
 from cliplung.tune.cli import parse_resources, register, tune_config
@@ -391,13 +389,19 @@ def test_study_is_reconciled_with_tune_when_the_search_ends():
     assert any("succeeded on resume" in n for n in notes) and any("closed 1 Optuna trial" in n for n in notes)
 
 
+@pytest.mark.parametrize("module", ["cliplung.tune.search", "cliplung.train.trainer"])
+def test_a_process_that_only_drives_training_loads_no_model(module):
+    """A Tune trial's actor (and a driver) imports the trial function's module and builds a
+    TorchTrainer; only the Train workers need the model. Both modules pulled in the model, its
+    open_clip text tower and torchvision (about 2 s of CPU per trial actor on these cores)."""
+    probe = f"import sys, {module}; print(sorted(m for m in sys.modules if not m.startswith('_')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded = set(json.loads(out.replace("'", '"')))
+    heavy = {"open_clip", "torchvision", "deepspeed", "cliplung.model.cliplung", "cliplung.train.loop"}
+    assert not loaded & heavy, sorted(loaded & heavy)
+
+
 # --------------------------------------------------------------------------- slow: real searches
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tune_statuses(run_dir: Path) -> dict[str, str]:
@@ -495,7 +499,7 @@ def dashboard_study(study_url: str, name: str, env: dict | None = None) -> dict:
     (``/api/studies/<id>``); stopped by pid."""
     exe = Path(sys.executable).with_name("optuna-dashboard")
     for _attempt in range(3):
-        port = _free_port()
+        port = free_port()
         dashboard = subprocess.Popen(
             [str(exe), study_url, "--host", "127.0.0.1", "--port", str(port)],
             stdout=subprocess.DEVNULL,
@@ -614,47 +618,12 @@ sys.exit(code)
 
 
 @pytest.fixture
-def fake_gpu_cluster(tmp_path_factory):
-    """``ray start --head --block`` with 5 CPUs and one fake GPU (its own temp dir, port and token);
-    stopped by its process group. Yields (address, environment for its drivers)."""
-    import secrets
-    import shutil
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="/tmp/rayg-")
-    (Path(temp) / "hook").mkdir()
-    (Path(temp) / "hook" / "sitecustomize.py").write_text(FAKE_GPU_SITECUSTOMIZE)
-    token = Path(temp) / "token"
-    token.write_text(secrets.token_hex(32))
-    port = _free_port()
-    env = own_ray_env()
-    env.update(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ADDRESS=f"127.0.0.1:{port}",
-        PYTHONPATH=os.pathsep.join([str(Path(temp) / "hook"), str(REPO)]),
-    )  # fmt: skip
-    start_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
-         "--num-cpus=5", "--num-gpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=start_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, "the fake-GPU Ray cluster did not start"
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}", env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
+def fake_gpu_cluster():
+    """A Ray head with 5 CPUs and one fake GPU (tests/rayenv.py: ray_head). Yields (address,
+    environment for its drivers)."""
+    env = own_ray_env() | {"PYTHONPATH": str(REPO)}
+    with ray_head("/tmp/rayg-", "--num-cpus=5", "--num-gpus=1", env=env, hook=FAKE_GPU_SITECUSTOMIZE) as head:
+        yield head
 
 
 @pytest.mark.slow
@@ -697,41 +666,10 @@ def test_quarter_gpu_trials_run_four_at_once_on_one_gpu(fake_gpu_cluster, store,
 @pytest.fixture
 def unrelated_ray():
     """A second Ray instance on this host, as another user's or another job's would be: its own
-    temp dir, ports and token. Started with ``ray start --block`` and stopped by its pid."""
-    import secrets
-    import shutil
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="/tmp/rayu-")  # short: Ray's unix socket paths must fit
-    token = Path(temp) / "token"
-    token.write_text(secrets.token_hex(32))
+    temp dir, ports and token (tests/rayenv.py: ray_head). Yields its GCS port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    port = _free_port()
-    ray_bin = Path(sys.executable).with_name("ray")
-    proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, "the unrelated Ray instance did not start"
-            time.sleep(0.5)
-        yield port
-    finally:
-        # Its processes share the process group `ray start` got: stop exactly those.
-        os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_head("/tmp/rayu-", "--num-cpus=1", "--include-dashboard=false", env=env) as (address, _):
+        yield int(address.rsplit(":", 1)[1])
 
 
 @pytest.mark.slow

@@ -62,8 +62,9 @@ from ray.data.datasource import ReadTask
 from cliplung.config import Config, ConfigError, DataConfig
 from cliplung.data.augment import to_device
 from cliplung.data.preprocessing import check_preprocessing, store_preprocessing
+from cliplung.data.reader import BlockReader, read_block
 from cliplung.data.store import NoduleStore
-from cliplung.labels import DEFAULT_UNSURE_RANGE, store_labels, task_labels, task_rows
+from cliplung.labels import DEFAULT_UNSURE_RANGE, store_labels, task_rows
 
 __all__ = [
     "DataPlan",
@@ -83,10 +84,6 @@ __all__ = [
     "stream_memory_bytes",
 ]
 
-# Columns each row carries into training; patches are float16 (D, H, W) in [0, 1] until the
-# worker's device converts them; the label comes from the mean malignancy and the run's unsure
-# range (cliplung.labels).
-ROW_FIELDS = ("patches", "malignancy", "attributes")
 ROW_EXTRA_BYTES = 8 * 4 + 8 + 8
 """Bytes of a row besides its patch: 8 float32 attributes, the int64 label and store index."""
 
@@ -217,22 +214,6 @@ class NoduleDatasource(Datasource):
         ]
 
 
-def read_block(
-    store: NoduleStore, task: str, piece: np.ndarray, unsure_range=DEFAULT_UNSURE_RANGE
-) -> dict[str, np.ndarray]:
-    """The store rows ``piece`` (sorted) in one contiguous read: ``patches`` float16, ``label``
-    (from the mean malignancy by ``unsure_range``, remapped for ``task``), ``attributes`` float32,
-    ``index`` (the store rows). Retries transient object-store errors (:mod:`cliplung.data.store`)."""
-    rows = store.read_rows(int(piece[0]), int(piece[-1]) + 1, fields=ROW_FIELDS)
-    local = piece - piece[0]
-    return {
-        "patches": np.ascontiguousarray(np.asarray(rows["patches"])[local], dtype=np.float16),
-        "label": task_labels(store_labels(rows, unsure_range)[local], task).astype(np.int64),
-        "attributes": np.asarray(rows["attributes"], dtype=np.float32)[local],
-        "index": piece.astype(np.int64),
-    }
-
-
 def _read_rows(store: NoduleStore, task: str, unsure_range, piece: np.ndarray):
     # ``store`` arrives pickled: pinned to the driver's version, opened lazily in this task.
     block = read_block(store, task, piece, unsure_range)
@@ -360,21 +341,10 @@ class MemoryData:
         yield from _slices(tensors, order, size, drop_last=False)
 
 
-class _Reader:
-    """A reader process of a streaming worker (one Ray actor each, for the whole run: its imports
-    and open store are paid once, not per epoch or per block)."""
-
-    def __init__(self, store: NoduleStore, task: str, unsure_range=DEFAULT_UNSURE_RANGE) -> None:
-        self.store, self.task, self.unsure_range = store, task, unsure_range
-
-    def read(self, piece: np.ndarray) -> dict[str, np.ndarray]:
-        return read_block(self.store, self.task, piece, self.unsure_range)
-
-
 @functools.cache
 def _reader_actor():
     # No CPU of its own (see the module docstring); restarted, with its call retried, if it dies.
-    return ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(_Reader)
+    return ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(BlockReader)
 
 
 class StreamData:

@@ -26,6 +26,7 @@ from torch import nn
 
 from cliplung.config import Config, ConfigError, config_from_dict
 from cliplung.model.cliplung import CLIPLung, build_classifier
+from cliplung.model.errors import CheckpointError
 from cliplung.model.image_encoder import NoduleClassifier
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
 
 FORMAT = "cliplung-inference"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not fit the model its config describes."""
 
 
 def _unwrap(model: Any) -> nn.Module:

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from cliplung.config import Config, ConfigError
 from cliplung.data.augment import augment_batch
-from cliplung.model import ModelEMA
+from cliplung.model.ema import ModelEMA
 from cliplung.runs import DIVERGENCE_FILE
 
 __all__ = [

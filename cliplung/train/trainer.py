@@ -34,7 +34,6 @@ from cliplung.data.ingest import DataPlan, Splits, build_data_plan, open_trainin
 from cliplung.runs import CheckpointInfo, Run, best_of
 from cliplung.storage import check_endpoint, is_s3
 from cliplung.train.early_stopping import stopped_early
-from cliplung.train.loop import train_loop_per_worker
 from cliplung.train.preflight import check_cuda, check_precision, check_resume, probe_cuda
 from cliplung.train.step import raise_if_diverged
 
@@ -45,6 +44,16 @@ def steps_per_epoch(config: Config, splits: Splits) -> int:
     """Micro-batches each worker runs per epoch (every worker the same count: fixed shards)."""
     t = config.train
     return (len(splits.train) // t.workers) // t.micro_batch_size
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Each worker's entry point: :func:`cliplung.train.loop.train_loop_per_worker`, imported on the
+    worker. Ray pickles this function by reference to this module, so a process that only builds
+    and runs the ``TorchTrainer`` (a driver, a Tune trial's actor) never imports the model, its
+    text tower (open_clip) or DeepSpeed; only the workers that train do."""
+    from cliplung.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
 
 
 def build_trainer(
@@ -59,7 +68,7 @@ def build_trainer(
     run = Run.of(config)
     fs, path = run.pyarrow()
     return TorchTrainer(
-        train_loop_per_worker=train_loop_per_worker,
+        train_loop_per_worker=_train_loop,
         train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps, "data": data},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -21,7 +21,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from probes import free_port
 
 __all__ = ["PgServer", "find_postgres", "pg_server"]
 
@@ -44,12 +44,6 @@ def find_postgres() -> Path | None:
         return Path(on_path).parent
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
     return Path(found[-1]).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -113,7 +107,7 @@ class PgServer:
             if not durable:
                 settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
             for _attempt in range(5):
-                port = _free_port()
+                port = free_port()
                 log = (folder / "server.log").open("ab")
                 proc = subprocess.Popen(
                     [str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), *settings],

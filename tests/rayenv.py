@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from probes import free_port
+
 RAY_TRAIN_TEST_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -39,12 +41,6 @@ def own_ray_env() -> dict[str, str]:
     """This process's environment without the caller's Ray settings (``RAY_ADDRESS``, auth, temp
     dirs: a cluster or driver of its own sets those), with the suite's Ray Train settings."""
     return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | RAY_TRAIN_TEST_ENV
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

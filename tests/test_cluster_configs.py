@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from probes import free_port
 from rayenv import own_ray_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,12 +245,6 @@ def _naming(path: Path) -> list[str]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class LocalCluster:
     temp_dir: Path
@@ -285,7 +279,7 @@ def local_cluster() -> Iterator[LocalCluster]:
     # that is long gone (here: a port nobody listens on). Ray's own address discovery reads it.
     default_tmp = temp_dir / "default-tmp"
     (default_tmp / "ray").mkdir(parents=True)
-    (default_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    (default_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     try:
         up = run_script("up", temp_dir=temp_dir, timeout=400, env={"RAY_TMPDIR": str(default_tmp)})
         assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
@@ -454,7 +448,7 @@ def test_both_nodes_on_one_host_export_metrics(local_cluster: LocalCluster, tmp_
 
     script = tmp_path / "metrics_job.py"
     script.write_text(TWO_NODE_METRICS_JOB)
-    port = _free_port()
+    port = free_port()
     _, out = local_cluster.submit("python", str(script), str(port), working_dir=REPO)
     (raw,) = re.findall(r"^RESULT (.*)$", out, re.M)
     result = json.loads(raw)

@@ -5,14 +5,12 @@ resume test of tests/test_train.py."""
 
 from __future__ import annotations
 
-import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from probes import modules_imported_by
 
 from cliplung.config import ConfigError, load_config
 from cliplung.data import ingest
@@ -171,9 +169,7 @@ def test_the_reader_module_imports_neither_torch_nor_ray():
     """A streaming worker's reader actors are Ray worker processes that import only the module of
     their class (cliplung.data.reader): each one imported torch and Ray Data (0.7 GiB resident,
     about 3 s of CPU to start) while the class lived in cliplung.data.ingest."""
-    probe = "import sys, cliplung.data.reader; print(sorted({m.split('.')[0] for m in sys.modules}))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    loaded = set(ast.literal_eval(out))
+    loaded = {m.split(".")[0] for m in modules_imported_by("import cliplung.data.reader")}
     assert not loaded & {"torch", "ray", "deepspeed", "open_clip", "pyarrow"}, sorted(loaded)
 
 

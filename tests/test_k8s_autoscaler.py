@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from probes import free_port
 from rayenv import own_ray_env
 from test_cluster_configs import RAY_BIN, _naming
 from test_k8s_manifests import HEAD, _cluster, ray_view
@@ -51,12 +51,6 @@ def where():
 
 print("RESULT " + json.dumps(ray.get(where.remote(), timeout=180)))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fake_node_types(view: dict) -> dict:
@@ -121,7 +115,7 @@ def active_nodes(status: str) -> dict[str, int]:
 class FakeCluster:
     def __init__(self, root: Path, view: dict) -> None:
         self.root = root
-        self.gcs = f"127.0.0.1:{_free_port()}"
+        self.gcs = f"127.0.0.1:{free_port()}"
         self.config = autoscaling_config(view, self.gcs)
         (root / "autoscaling.json").write_text(json.dumps(self.config))
         token = root / "auth_token"
@@ -136,8 +130,8 @@ class FakeCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
             # Fixed defaults (44217, 44227) would clash with any other Ray on the machine.
-            "AUTOSCALER_METRIC_PORT": str(_free_port()),
-            "DASHBOARD_METRIC_PORT": str(_free_port()),
+            "AUTOSCALER_METRIC_PORT": str(free_port()),
+            "DASHBOARD_METRIC_PORT": str(free_port()),
         }
         self.head: subprocess.Popen | None = None
 
@@ -148,7 +142,7 @@ class FakeCluster:
             "--temp-dir", str(self.root / "ray"), "--autoscaling-config", str(self.root / "autoscaling.json"),
             "--num-cpus", str(self.config["available_node_types"][FAKE_HEAD]["resources"]["CPU"]),
             "--num-gpus", "0", "--object-store-memory", "100000000", "--include-dashboard", "false",
-            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
         ]  # fmt: skip
         with open(self.root / "head.log", "w") as log:
             self.head = subprocess.Popen(

@@ -25,7 +25,8 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
-from rayenv import free_port, own_ray_env, ray_head
+from probes import free_port, modules_imported_by
+from rayenv import own_ray_env, ray_head
 
 from cliplung.config import ConfigError, dump_config, load_config
 from cliplung.tune.cli import parse_resources, register, tune_config
@@ -394,9 +395,7 @@ def test_a_process_that_only_drives_training_loads_no_model(module):
     """A Tune trial's actor (and a driver) imports the trial function's module and builds a
     TorchTrainer; only the Train workers need the model. Both modules pulled in the model, its
     open_clip text tower and torchvision (about 2 s of CPU per trial actor on these cores)."""
-    probe = f"import sys, {module}; print(sorted(m for m in sys.modules if not m.startswith('_')))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    loaded = set(json.loads(out.replace("'", '"')))
+    loaded = modules_imported_by(f"import {module}")
     heavy = {"open_clip", "torchvision", "deepspeed", "cliplung.model.cliplung", "cliplung.train.loop"}
     assert not loaded & heavy, sorted(loaded & heavy)
 

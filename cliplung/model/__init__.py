@@ -42,19 +42,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = [
-    "RATING_RANGES",
-    "CLIPLung",
-    "ModelEMA",
-    "NoduleClassifier",
-    "attribute_weights",
-    "build_classifier",
-    "build_model",
-    "class_names_for",
-    "contrastive_losses",
-    "export_inference",
-    "inference_payload",
-    "load_inference",
-    "save_inference",
-    "scale_ratings",
-]
+__all__ = sorted(_HOME)

@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# DeepSpeed JIT-compiles an op at the first CPU run (about 25 s): build it here, once.
+	$(BIN)/python -c "from cliplung.train.step import prebuild_deepspeed_ops as b; print(b())"
 	touch $@
 
 # Debian packages the tests use: a real Prometheus server (and its promtool) for the metrics and

@@ -25,7 +25,14 @@ from cliplung.model import build_model
 from cliplung.model.attributes import RATING_RANGES
 from cliplung.train import loop
 from cliplung.train.preflight import TRAIN_STATE_FILE, checkpoint_identity
-from cliplung.train.step import build_engine, configure_kernels, deepspeed_config, make_optimizer, train_step
+from cliplung.train.step import (
+    build_engine,
+    configure_kernels,
+    deepspeed_config,
+    make_optimizer,
+    prebuild_deepspeed_ops,
+    train_step,
+)
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 
@@ -232,3 +239,18 @@ def test_compile_switch_and_kernel_choice(monkeypatch) -> None:
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2])
+
+
+def test_the_op_built_at_setup_is_the_one_a_cpu_run_loads_without_building_again() -> None:
+    """``make setup`` runs :func:`prebuild_deepspeed_ops`; the first ``deepspeed.initialize`` on the
+    CPU then finds the shared-memory op where torch keeps JIT builds instead of compiling it (about
+    25 s on 2 cores, in the first run or the first test)."""
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for the folder
+
+    assert prebuild_deepspeed_ops() == "DeepSpeed (cpu accelerator): shared-memory communication op built"
+    library = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "deepspeed_shm_comm.so"
+    built = library.stat().st_mtime_ns
+    cfg = _config()
+    run = build_engine(cfg, _model(cfg), CPU, opt_steps_per_epoch=1)
+    assert torch.device(run.engine.device) == CPU
+    assert library.stat().st_mtime_ns == built  # loaded, not rebuilt

@@ -64,6 +64,7 @@ __all__ = [
     "ema_divergence",
     "loss_parts",
     "make_optimizer",
+    "prebuild_deepspeed_ops",
     "raise_if_diverged",
     "read_divergence",
     "resolve_precision",
@@ -230,6 +231,25 @@ def build_engine(
         engine.compile()
     ema = ModelEMA(engine.module.classifier, decay=t.ema_decay)
     return Engine(engine=engine, scheduler=scheduler, ema=ema, precision=precision, device=device)
+
+
+def prebuild_deepspeed_ops() -> str:
+    """Build now the op ``deepspeed.initialize`` would JIT-compile in the first run on this machine,
+    and say what was done.
+
+    On DeepSpeed's CPU accelerator that is its shared-memory communication op
+    (``deepspeed.comm.torch.build_shm_op``, the very call ``deepspeed.initialize`` makes): about 25 s
+    on 2 cores, once, cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``, default
+    ``~/.cache/torch_extensions``) and found there by every later process. ``make setup`` calls this,
+    so neither the first training run nor the first test pays for it. Where DeepSpeed's accelerator
+    has no such op (a GPU's), nothing is built."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    accelerator = get_accelerator().device_name()
+    if build_shm_op() is None:
+        return f"DeepSpeed ({accelerator} accelerator): no op to build ahead"
+    return f"DeepSpeed ({accelerator} accelerator): shared-memory communication op built"
 
 
 # --------------------------------------------------------------------------- the step

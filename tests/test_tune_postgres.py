@@ -11,6 +11,7 @@ changed config is refused naming the difference; a wrong password fails before a
 from __future__ import annotations
 
 import glob
+import json
 import threading
 from pathlib import Path
 
@@ -101,15 +102,16 @@ def pg_search(ray_session, synthetic_store, pg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_search(pg_search, ray_session, synthetic_store, pg):
-    """Another search in the same database, named differently, its password in its config."""
+    """Another search in the same database, named differently, its password in its config. Its one
+    trial's worker exits at step 5 (epoch 2 of 2, 3 steps an epoch), once."""
     study_url = pg.url(DATABASE)
     search_before = _snapshot(study_url, "search")
     config = load_config(
         "debug",
         [
             f"data.store={synthetic_store.path}", f"storage.path={pg_search['root'] / 'runs'}",
-            "name=other", "metrics.enabled=false", "train.workers=1", "train.epochs=1",
-            "tune.trials=1", "tune.asha=false", f"tune.study_db={study_url}",
+            "name=other", "metrics.enabled=false", "train.workers=1", "train.epochs=2",
+            "train.debug_fail_at_step=5", "tune.trials=1", "tune.asha=false", f"tune.study_db={study_url}",
         ],
     )  # fmt: skip
     summary = tune_search(config, address=ray_session)
@@ -180,6 +182,20 @@ def test_searches_with_different_names_never_share_or_delete_each_others_study(
     assert "already holds a study 'search'" in err and str(pg_search["run_dir"]) in err, err
     assert pg.password not in err
     assert _snapshot(url, "search") == other_search["search_before"]
+
+
+def test_a_worker_failure_in_a_trial_is_retried_by_the_trial_from_its_last_checkpoint(other_search, pg):
+    """The trial retries a failed Train run itself (a new run resuming the trial's checkpoints);
+    Ray Train retries nothing inside a trial, because a Ray Train retry that races Tune stopping
+    the trial leaves a placement group nobody removes (cliplung/tune/search.py: _trial)."""
+    (row,) = other_search["summary"].trials
+    assert row["state"] == "COMPLETE" and row["epochs_done"] == 2
+    (trial,) = optuna.load_study(study_name="other", storage=pg.url(DATABASE)).get_trials()
+    assert sorted(trial.intermediate_values) == [1, 2]  # epoch 1 before the failure, 2 after it
+    run_dir = other_search["run_dir"] / "runs" / row["trial_id"]
+    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0000", "epoch_0001"]
+    recorded = json.loads((run_dir / "run.json").read_text())["config"]["train"]
+    assert recorded["max_failures"] == 0 and recorded["debug_fail_at_step"] == 5
 
 
 def test_a_changed_config_is_refused_naming_the_difference(pg_search, pg, capsys, monkeypatch, forbid_ray):

@@ -65,6 +65,7 @@ from typing import Any
 
 import optuna
 import ray
+import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
@@ -146,13 +147,37 @@ def _absolute_paths(config: Config) -> Config:
 
 
 def _trial(params: dict, *, base: dict, runs_root: str) -> None:
-    """Tune function of one trial: a full training run of the base config with ``params`` applied."""
+    """Tune function of one trial: a full training run of the base config with ``params`` applied.
+
+    A worker failure is retried here, up to ``train.max_failures`` times, each retry a new Train
+    run that resumes the trial's run from its last checkpoint; Ray Train itself retries nothing
+    in a trial. When Tune stops a trial (ASHA), the trial's Train controller can see its workers
+    die before it dies itself; a Ray Train retry at that moment creates a placement group that
+    nothing ever removes (Ray 2.60's placement-group cleaner learns of a group only once its
+    workers have started; seen in a CI run: a 1-CPU bundle held after an ASHA stop until the
+    cluster ended). A retry here dies with the trial's actor instead."""
     from cliplung.train.trainer import train
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(config_from_dict(base), params, trial_id, runs_root)
-    # The search's driver holds the lease of the whole search directory.
-    summary = train(config, callbacks=[TuneReportCallback()], lease=False)
+    retries = config.train.max_failures
+    once = config.replace(train=dataclasses.replace(config.train, max_failures=0))
+    attempt = 0
+    while True:
+        try:
+            # The search's driver holds the lease of the whole search directory.
+            summary = train(once, callbacks=[TuneReportCallback()], lease=False)
+            break
+        except ray.train.WorkerGroupError as exc:
+            if attempt >= retries:
+                raise
+            attempt += 1
+            what = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+            print(
+                f"trial {trial_id}: {what}; retry {attempt} of {retries} (train.max_failures), "
+                "from its last checkpoint",
+                flush=True,
+            )
     if summary.already_complete:
         # The run finished before the search driver was interrupted: Tune never saw its last
         # report, so report it again rather than train (there is nothing left to train).

@@ -154,10 +154,14 @@ def test_gpu_layouts_nccl_cannot_run_are_refused_with_what_to_use(overrides, pat
 
 
 def test_gpu_layouts_that_run() -> None:
-    load_config("debug", ["train.gpus_per_worker=0.25", "train.workers=1"])  # Tune packs trials on a GPU
-    load_config("paper", ["train.gpus_per_worker=1", "train.workers=1"])
-    load_config("paper", ["train.gpus_per_worker=1", "train.workers=2"])  # 16 per GPU
-    load_config("debug", ["train.workers=2"])  # CPU workers: no GPU rules
+    for preset, gpus, workers in (
+        ("debug", 0.25, 1),  # Tune packs trials on a GPU
+        ("paper", 1, 1),
+        ("paper", 1, 2),  # 16 per GPU
+        ("debug", 0, 2),  # CPU workers: no GPU rules
+    ):
+        t = load_config(preset, [f"train.gpus_per_worker={gpus}", f"train.workers={workers}"]).train
+        assert (t.gpus_per_worker, t.workers) == (gpus, workers)
 
 
 def test_loss_monitor_reads_late_sums_exactly_and_finds_the_first_bad_step() -> None:

@@ -8,14 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from cliplung.evaluate.stats import (
-    FoldPredictions,
-    paired_comparison,
-    weighted_auc,
-    weighted_f1,
-    wilcoxon_signed_rank_exact,
-)
-from cliplung.train.metrics import classification_metrics
+from cliplung.evaluate.metrics import compute_metrics
+from cliplung.evaluate.stats import FoldPredictions, paired_comparison, wilcoxon_signed_rank_exact
+from cliplung.train.metrics import classification_metrics, weighted_auc, weighted_f1
 
 CLASSES = ("benign", "unsure", "malignant")
 
@@ -29,6 +24,85 @@ def _fold(rng, n=40, n_classes=3, skill=1.0, labels=None, patients=None):
     return FoldPredictions(rows=np.arange(n), labels=labels, patients=patients.astype(str), probs=probs)
 
 
+def _sklearn_metrics(labels, probs, names):
+    """The reference: what scikit-learn says for the headline and per-class metrics."""
+    import warnings
+
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    classes = list(range(len(names)))
+    preds = probs.argmax(1)
+    present = set(np.unique(labels).tolist())
+    out = {
+        "accuracy": accuracy_score(labels, preds),
+        "macro_f1": f1_score(labels, preds, labels=classes, average="macro", zero_division=0),
+        "auc": math.nan,
+    }
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, preds, labels=classes, zero_division=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if len(present) == len(names):
+            out["auc"] = (
+                roc_auc_score(labels, probs[:, 1])
+                if len(names) == 2
+                else roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=classes)
+            )
+        per_class = {
+            name: {
+                "precision": precision[c], "recall": recall[c], "f1": f1[c], "support": int(support[c]),
+                "auc": roc_auc_score(labels == c, probs[:, c]) if 0 < support[c] < len(labels) else math.nan,
+            }
+            for c, name in enumerate(names)
+        }  # fmt: skip
+    return out, per_class, confusion_matrix(labels, preds, labels=classes).tolist()
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("case", range(40))
+def test_metrics_equal_sklearn(n_classes, case):
+    """classification_metrics (validation and the test report) and compute_metrics's per-class
+    numbers are NumPy; scikit-learn is the reference: small and large sets, rounded scores (ties),
+    a class absent, one class only."""
+    rng = np.random.default_rng(case)
+    names = CLASSES if n_classes == 3 else ("benign", "malignant")
+    n = int(rng.choice([1, 2, 3, 7, 20, 137]))
+    labels = rng.integers(0, n_classes, n) if case % 5 else rng.integers(0, n_classes - 1, n)
+    if case % 11 == 0:
+        labels[:] = labels[0]
+    logits = rng.normal(size=(n, n_classes)) + rng.uniform(0, 2) * np.eye(n_classes)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    if case % 3 == 0:
+        probs = np.round(probs, 1)  # many tied scores (rows still sum to about 1)
+        probs /= probs.sum(axis=1, keepdims=True)
+    ref, ref_per_class, ref_confusion = _sklearn_metrics(labels, probs, names)
+    got = classification_metrics(labels, probs, names)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, nan_ok=True, abs=1e-12), key
+    for c, name in enumerate(names):
+        expected = _sklearn_metrics(labels, probs, names)[1][name]["recall"] if c in set(labels) else math.nan
+        assert got[f"recall_{name}"] == pytest.approx(expected, nan_ok=True), name
+    full = compute_metrics(labels, probs, names)
+    assert full["confusion_matrix"] == ref_confusion
+    for name, expected in ref_per_class.items():
+        for key, value in expected.items():
+            assert full["per_class"][name][key] == pytest.approx(value, nan_ok=True, abs=1e-12), (name, key)
+
+
+def test_metrics_refuse_probabilities_that_are_not_finite():
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        classification_metrics(
+            np.array([0, 1]), np.array([[0.5, 0.5], [np.nan, 0.5]]), ("benign", "malignant")
+        )
+
+
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_weighted_metrics_equal_sklearn_on_the_replicated_sample(n_classes):
     from sklearn.metrics import f1_score
@@ -38,7 +112,7 @@ def test_weighted_metrics_equal_sklearn_on_the_replicated_sample(n_classes):
     fold.probs[3] = fold.probs[4]  # a tie between two nodules' scores
     names = CLASSES if n_classes == 3 else ("benign", "malignant")
     ones = np.ones((1, 50))
-    ref = classification_metrics(fold.labels, fold.probs, names)
+    ref = _sklearn_metrics(fold.labels, fold.probs, names)[0]
     preds = fold.probs.argmax(1)
     assert weighted_f1(fold.labels, preds, ones, n_classes).mean() == pytest.approx(ref["macro_f1"])
     assert weighted_auc(fold.labels, fold.probs, ones)[0] == pytest.approx(ref["auc"])
@@ -46,7 +120,7 @@ def test_weighted_metrics_equal_sklearn_on_the_replicated_sample(n_classes):
     weights = rng.integers(0, 3, size=(4, 50))
     for w in weights:
         idx = np.repeat(np.arange(50), w)
-        rep = classification_metrics(fold.labels[idx], fold.probs[idx], names)
+        rep = _sklearn_metrics(fold.labels[idx], fold.probs[idx], names)[0]
         got_f1 = weighted_f1(fold.labels, preds, w[None], n_classes)[0]
         np.testing.assert_allclose(
             got_f1,

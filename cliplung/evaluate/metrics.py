@@ -1,10 +1,11 @@
-"""Test-fold metrics of a malignancy classifier: scikit-learn's, plus calibration.
+"""Test-fold metrics of a malignancy classifier, plus calibration.
 
 The headline numbers (accuracy, macro-F1, one-vs-rest AUC) come from
 :func:`cliplung.train.metrics.classification_metrics`, the same function that scores validation
 during training, so a checkpoint is selected and reported by one definition. Added here for the
-test report: per-class precision, recall, F1 (0 where a ratio is undefined, scikit-learn's
-``zero_division=0``), support and one-vs-rest AUC (NaN when the class is absent, or the only one);
+test report, from the same module's functions: per-class precision, recall, F1 (0 where a ratio is
+undefined, scikit-learn's ``zero_division=0``), support and one-vs-rest AUC (NaN when the class is
+absent, or the only one);
 the confusion matrix (rows true class, columns predicted); and the expected calibration error
 
     ECE = Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|
@@ -19,13 +20,12 @@ ECE is a coarse number: it is reported with its per-bin counts.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from cliplung.train.metrics import classification_metrics
+from cliplung.train.metrics import classification_metrics, weighted_binary_auc, weighted_f1, weighted_recall
 
 __all__ = ["ECE_BINS", "compute_metrics", "expected_calibration_error"]
 
@@ -71,33 +71,29 @@ def compute_metrics(
     labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], *, n_bins: int = ECE_BINS
 ) -> dict[str, Any]:
     """Every metric of the module docstring for true ``labels`` (N,) and probabilities ``(N, C)``."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
-
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     if len(labels) == 0:
         raise ValueError("no nodules to evaluate")
     headline = classification_metrics(labels, probs, tuple(class_names))
-    classes = list(range(len(class_names)))
+    n_classes = len(class_names)
     preds = probs.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, preds, labels=classes, zero_division=0
-    )
+    ones = np.ones((1, len(labels)))
+    recall = weighted_recall(labels, preds, ones, n_classes)[0]
+    f1 = weighted_f1(labels, preds, ones, n_classes)[0]
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, preds), 1)
     per_class: dict[str, dict[str, float]] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for c, name in enumerate(class_names):
-            positives = int(support[c])
-            auc_c = (
-                float(roc_auc_score(labels == c, probs[:, c])) if 0 < positives < len(labels) else math.nan
-            )
-            per_class[name] = {
-                "precision": float(precision[c]),
-                "recall": float(recall[c]),
-                "f1": float(f1[c]),
-                "support": positives,
-                "auc": auc_c,
-            }
+    for c, name in enumerate(class_names):
+        positives = int(confusion[c].sum())
+        predicted = int(confusion[:, c].sum())
+        per_class[name] = {
+            "precision": float(confusion[c, c] / predicted) if predicted else 0.0,
+            "recall": float(recall[c]),
+            "f1": float(f1[c]),
+            "support": positives,
+            "auc": float(weighted_binary_auc(labels == c, probs[:, c], ones)[0]),
+        }
     ece, bins = expected_calibration_error(labels, probs, n_bins)
     return {
         "n": len(labels),
@@ -107,6 +103,6 @@ def compute_metrics(
         "ece": ece,
         "ece_bins": n_bins,
         "per_class": per_class,
-        "confusion_matrix": confusion_matrix(labels, preds, labels=classes).tolist(),
+        "confusion_matrix": confusion.tolist(),
         "reliability": bins,
     }

@@ -74,7 +74,9 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]) -> bytes:
 
 def roc_figure(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> bytes:
     """One-vs-rest ROC curves (2-class: the malignant curve alone); absent classes are skipped."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
+
+    from cliplung.train.metrics import weighted_binary_auc
 
     labels = np.asarray(labels)
     probs = np.asarray(probs)
@@ -92,7 +94,7 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
             fpr,
             tpr,
             linewidth=1.6,
-            label=f"{class_names[c]} (AUC {roc_auc_score(positive, probs[:, c]):.3f})",
+            label=f"{class_names[c]} (AUC {weighted_binary_auc(positive, probs[:, c], np.ones(len(positive)))[0]:.3f})",
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)

@@ -21,10 +21,11 @@ interval says nothing about a different random seed.
 ranks, ties averaged, zero differences dropped as Wilcoxon did), reported for completeness with
 its floor, so that nobody reads "p = 0.06" at five folds as weak evidence of no effect.
 
-The metrics are computed here in vectorised form, with each resample given as integer weights per
-nodule (how often it was drawn); with all weights 1 they equal scikit-learn's (and so
-:func:`cliplung.train.metrics.classification_metrics`'s): macro-F1 over every class with 0 for an
-undefined ratio, per-class F1, and the one-vs-rest macro AUC (NaN when a class is absent).
+The metrics are the vectorised ones of :mod:`cliplung.train.metrics`, with each resample given as
+integer weights per nodule (how often it was drawn); with all weights 1 they are
+:func:`~cliplung.train.metrics.classification_metrics` (which equals scikit-learn's): macro-F1 over
+every class with 0 for an undefined ratio, per-class F1, and the one-vs-rest macro AUC (NaN when a
+class is absent).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cliplung.train.metrics import weighted_auc, weighted_f1
+
 __all__ = [
     "BOOTSTRAP_SAMPLES",
     "FoldPredictions",
     "PairedResult",
     "paired_comparison",
-    "weighted_auc",
-    "weighted_f1",
     "wilcoxon_signed_rank_exact",
 ]
 
@@ -77,46 +78,7 @@ class PairedResult:
     """Folds where the method beats the baseline (``d_k > 0``)."""
 
 
-# --------------------------------------------------------------------------- weighted metrics
-
-
-def weighted_f1(labels: np.ndarray, preds: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-class F1 of every resample: ``weights (B, N)`` counts → ``(B, C)``; 0 where undefined."""
-    labels, preds = np.asarray(labels), np.asarray(preds)
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    out = np.zeros((w.shape[0], n_classes))
-    for c in range(n_classes):
-        tp = w @ ((labels == c) & (preds == c))
-        fp = w @ ((labels != c) & (preds == c))
-        fn = w @ ((labels == c) & (preds != c))
-        denom = 2 * tp + fp + fn
-        out[:, c] = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return out
-
-
-def weighted_auc(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """One-vs-rest macro AUC of every resample (2 classes: the malignant score's AUC); NaN where a
-    class is absent from the resample. ``weights (B, N)`` → ``(B,)``."""
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    n_classes = probs.shape[1]
-    classes = [1] if n_classes == 2 else range(n_classes)
-    aucs = []
-    present = np.ones(w.shape[0], dtype=bool)
-    for c in range(n_classes):
-        present &= w @ (labels == c) > 0
-    for c in classes:
-        pos, neg = labels == c, labels != c
-        s = probs[:, c]
-        # Mann-Whitney: a (positive, negative) pair counts 1 when ordered right, 1/2 when tied.
-        order = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
-        wp, wn = w[:, pos], w[:, neg]
-        numerator = np.einsum("bp,pn,bn->b", wp, order, wn, optimize=True)
-        denom = wp.sum(axis=1) * wn.sum(axis=1)
-        aucs.append(np.divide(numerator, denom, out=np.full(w.shape[0], np.nan), where=denom > 0))
-    auc = np.mean(aucs, axis=0)
-    return np.where(present, auc, np.nan)
+# --------------------------------------------------------------------------- resampled metrics
 
 
 def _metric(name: str, fold: FoldPredictions, weights: np.ndarray, class_names: Sequence[str]) -> np.ndarray:

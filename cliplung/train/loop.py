@@ -75,7 +75,15 @@ __all__ = ["cosine_schedule", "deepspeed_config", "optimizer_state_due", "train_
 
 DEEPSPEED_TAG = "state"
 WEIGHTS_FILE = "weights.pt"
-FAULT_DELAY_S = 3.0
+RAY_TRAIN_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train V2's documented setting for how often its controller polls the workers (default 2 s)."""
+
+
+def fault_delay_s() -> float:
+    """How long the injected fault waits before it exits: 1.5 polls of Ray Train's controller
+    (3 s at Ray's default 2 s; the suite polls every 0.25 s), so the last report has been
+    collected."""
+    return 1.5 * float(os.environ.get(RAY_TRAIN_POLL_VARIABLE, "2"))
 
 
 def _say(line: str) -> None:
@@ -105,7 +113,7 @@ def _maybe_inject_fault(config: Config, rank: int, global_step: int) -> None:
     # Ray Train's controller collects reports by polling workers (every 2 s by default); a worker
     # that dies sooner takes its last report with it and the run restarts from the one before.
     # Waiting one poll makes the injected fault exercise "resume from the newest checkpoint".
-    time.sleep(FAULT_DELAY_S)
+    time.sleep(fault_delay_s())
     _say(f"[fault injection] rank 0 exits at step {global_step}")
     os._exit(1)
 

@@ -97,6 +97,9 @@ LEASE_TTL_S = 60.0
 """A lease whose last heartbeat is older than this is considered abandoned and may be taken over."""
 LEASE_HEARTBEAT_S = 10.0
 """How often the holder renews its lease."""
+RELEASE_ATTEMPTS = 3
+"""Tries to give a lease back on transient storage errors (0.5 s and 1 s apart); taking it uses
+:data:`cliplung.storage.RETRY_ATTEMPTS`."""
 
 MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
     "name",
@@ -759,18 +762,26 @@ class RunLease:
         self._thread: threading.Thread | None = None
         self._mutex = threading.Lock()
 
+    def _retried(self, what: str, fn, attempts: int | None = None):
+        """``fn()`` retried on transient storage errors (:func:`cliplung.storage.retry`): taking and
+        giving back the lease rides out an object store that is restarting, as every other read
+        and write of a run does. A write whose answer was lost and is retried finds its own
+        holder there (a failed condition): :meth:`acquire` and :meth:`renew` recognise it by the
+        token."""
+        return storage.retry(fn, what=f"lease of {self.run.location}: {what}", attempts=attempts)
+
     def acquire(self) -> RunLease:
         mine = _holder(self.purpose)
         for _attempt in range(5):
-            current = self.file.read()
+            current = self._retried("read", self.file.read)
             if current is None:
-                version = self.file.put(mine, None)
+                version = self._retried("create", lambda: self.file.put(mine, None))
             else:
                 holder, etag = current
                 if holder.get("token") == mine["token"]:
                     version = etag
                 elif _holder_is_dead(holder) or time.time() - float(holder.get("heartbeat", 0)) > self.ttl_s:
-                    version = self.file.put(mine, etag)
+                    version = self._retried("take over", lambda etag=etag: self.file.put(mine, etag))
                     if version is not None:
                         print(
                             f"taking over the lease of {self.run.location} from a driver that is gone "
@@ -813,6 +824,12 @@ class RunLease:
             updated = {**self.holder, "heartbeat": time.time()}
             version = self.file.put(updated, self.version)
             if version is None:
+                # Our last write may have landed with its answer lost (then the stored version is
+                # ours, under a version we never saw): only another holder's token means lost.
+                current = self.file.read()
+                if current is not None and current[0].get("token") == self.holder["token"]:
+                    self.holder, self.version = current[0], current[1]
+                    return
                 self.lost.set()
                 log.error(
                     "lease of %s was taken over by another driver; this driver should stop", self.run.location
@@ -826,8 +843,11 @@ class RunLease:
             self._thread.join(timeout=self.heartbeat_s + 5)
         with self._mutex:
             if self.version is not None and not self.lost.is_set():
+                version = self.version
                 try:
-                    self.file.delete(self.version)
+                    # A few tries only: a driver that ends while the store is down should not wait
+                    # out the whole backoff; the lease it leaves goes stale after LEASE_TTL_S.
+                    self._retried("give back", lambda: self.file.delete(version), attempts=RELEASE_ATTEMPTS)
                 except Exception as exc:  # storage unreachable: the lease stays until it goes stale
                     log.warning("lease of %s: could not give it back (%s)", self.run.location, exc)
             if self.holder is not None:

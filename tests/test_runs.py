@@ -197,6 +197,23 @@ def test_an_abandoned_or_dead_lease_is_taken_over(tmp_path, capsys):
         assert "taking over" in capsys.readouterr().err
 
 
+def test_a_heartbeat_whose_answer_was_lost_keeps_the_lease(tmp_path):
+    """The stored lease is this holder's own under a version it never saw (a write that landed
+    while its answer was lost, then retried): the next heartbeat adopts it instead of calling the
+    lease lost; another holder's token is still a loss."""
+    run = Run(str(tmp_path), "beat")
+    with run.lease(purpose="mine") as lease:
+        path = tmp_path / "beat" / LEASE_FILE
+        landed = {**lease.holder, "heartbeat": time.time()}
+        path.write_text(json.dumps(landed))
+        lease.renew()
+        assert not lease.lost.is_set()
+        assert json.loads(path.read_text())["token"] == lease.holder["token"]
+        path.write_text(json.dumps({**landed, "token": "someone-else"}))
+        lease.renew()
+        assert lease.lost.is_set()
+
+
 _HOLDER = textwrap.dedent(
     """
     import sys, time

@@ -1,9 +1,12 @@
-"""Runs against a real S3 server (SeaweedFS, tests/s3server.py) on the suite's embedded Ray: store
-reads that ride out an outage, run storage that resumes, an outage in the middle of a checkpoint
-upload, wrong credentials, and no credential in any object or file a run writes."""
+"""Runs against a real S3 server (SeaweedFS, tests/s3server.py) on the suite's embedded Ray: the
+run's lease on S3 (conditional writes; taken while the server restarts), store reads that ride out
+an outage, run storage that resumes, an outage in the middle of a checkpoint upload, wrong
+credentials, and no credential in any object or file a run writes."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +21,7 @@ from synthetic import make_synthetic_store
 from cliplung import cli
 from cliplung.config import apply_overrides, load_config
 from cliplung.data.store import NoduleStore
+from cliplung.runs import LEASE_FILE, Run, RunError
 
 pytestmark = pytest.mark.slow  # a server and Ray runs
 
@@ -60,6 +64,55 @@ def test_wrong_credentials_fail_before_any_worker_naming_the_endpoint(
     assert f"S3 endpoint {s3_server.url} refused the credentials (SignatureDoesNotMatch" in err, err
     assert "wrong-secret-for-this-test" not in err
     assert not s3_server.keys("creds-runs/")
+
+
+def _lease_keys(s3_server, prefix: str) -> list[str]:
+    return [k for k in s3_server.keys(f"{prefix}/") if k.endswith(LEASE_FILE)]
+
+
+def test_the_s3_lease_refuses_a_second_driver_and_a_stale_one_is_taken_over(s3_server, capsys):
+    prefix = f"lease-{uuid.uuid4().hex[:8]}"
+    run = Run(f"s3://{BUCKET}/{prefix}", "r", s3_server.url)
+    with run.lease(purpose="first") as first:
+        assert _lease_keys(s3_server, prefix) == [f"{prefix}/r/{LEASE_FILE}"]
+        with pytest.raises(RunError, match=r"being written by another driver \(host .*first since"):
+            Run(f"s3://{BUCKET}/{prefix}", "r", s3_server.url).lease(purpose="second").acquire()
+        first.renew()
+        assert not first.lost.is_set()
+    assert _lease_keys(s3_server, prefix) == []  # given back
+    # A holder on another host that stopped heartbeating: taken over by a conditional write.
+    stale = {"host": "gone-host", "pid": 1, "token": "t", "purpose": "old", "heartbeat": time.time() - 3600}
+    s3_server.put(f"{prefix}/r/{LEASE_FILE}", json.dumps(stale).encode())
+    with run.lease(purpose="new") as new:
+        assert "taking over the lease" in capsys.readouterr().err
+        assert json.loads(s3_server.read(f"{prefix}/r/{LEASE_FILE}"))["token"] == new.holder["token"]
+
+
+def test_the_s3_lease_is_taken_while_the_server_restarts(s3_server, caplog):
+    """A driver that starts while the object store restarts waits for it (the retry schedule of
+    every other storage call) instead of failing: found when the S3 outage test below resumed its
+    run right after the server came back and the lease read got ``InternalError``."""
+    prefix = f"lease-{uuid.uuid4().hex[:8]}"
+    run = Run(f"s3://{BUCKET}/{prefix}", "r", s3_server.url)
+    s3_server.stop()
+    # Down for 5 s and about 2 s of start: longer than botocore's and s3fs's own retries ride out
+    # (a read failed after 3.4 s with the server down).
+    restart = threading.Timer(5.0, s3_server.start)
+    restart.start()
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="cliplung.storage"),
+            run.lease(purpose="after-restart") as lease,
+        ):
+            assert lease.version is not None
+            assert _lease_keys(s3_server, prefix) == [f"{prefix}/r/{LEASE_FILE}"]
+    finally:
+        restart.join()
+        if s3_server.process is None:
+            s3_server.start()
+    retries = [r.getMessage() for r in caplog.records if "; retry 1/" in r.getMessage()]
+    assert retries and retries[0].startswith(f"lease of s3://{BUCKET}/{prefix}/r: read: "), retries
+    assert _lease_keys(s3_server, prefix) == []
 
 
 def _ray_worker_logs() -> str:

@@ -62,7 +62,7 @@ def _free_ports(n: int) -> list[int]:
 STOP_GRACE_S = 6.0
 """How long a SIGTERM gets before SIGKILL. ``weed mini`` stops in about 2 s; twice in about fifteen
 stops measured here it took over 20 s (once in the S3 upload-outage test's teardown, 21.5 s). A server
-stopped by SIGKILL starts again the same way (the outage tests stop it so: ``stop(kill=True)``)."""
+stopped by SIGKILL starts again the same way (the upload-outage test stops it so, ``kill=True``)."""
 
 
 class SeaweedS3:

@@ -3,8 +3,8 @@
 * **Fake CUDA** (``torch._subclasses.FakeTensorMode``): tensors on a fake ``cuda:0`` carry no data,
   so a CPU tensor meeting a CUDA one fails exactly as on a GPU, and a read of a value (``item``, a
   data-dependent shape) fails too. The training forward of every method, the per-sample reference
-  (``cliplung bench model --device cuda`` crashed on its CPU targets), the augmentation, the EMA and
-  the loss monitor run there.
+  (``cliplung bench model --device cuda`` crashed on its CPU targets), the augmentation, the EMA,
+  the loss monitor and the memory mode's epoch layouts run there.
 * **Backward on ``meta``**: autograd's engine starts a device thread per CUDA device and asks the
   CUDA driver for a context, which a machine without a GPU cannot give, so a backward pass cannot
   run on fake CUDA. The narrowest substitute is the ``meta`` device: also data-free, it refuses CPU
@@ -193,3 +193,31 @@ def test_cpu_training_step_makes_no_host_sync(zero_stage, precision, grad_clip) 
     assert device_syncs.call_count == 0
     monitor.flush()
     assert monitor.steps == steps + 1 and monitor.divergence is None
+
+
+def test_memory_mode_lays_out_epochs_on_fake_cuda_without_a_thread_or_a_sync() -> None:
+    """On a GPU the memory mode's shard lives on the device: each epoch's layout is gathered there
+    (asynchronous kernels, in the loop's thread: no background thread) and the batches are views."""
+    import numpy as np
+
+    from cliplung.data import ingest
+
+    rng = np.random.default_rng(0)
+    n = 40
+    rows = {
+        "patches": rng.random((n, PATCH, PATCH, PATCH)).astype(np.float16),
+        "label": rng.integers(0, 3, n),
+        "attributes": rng.random((n, len(ATTRIBUTES))).astype(np.float32),
+        "index": np.arange(n),
+    }
+    no_thread = mock.patch.object(ingest, "_Background", side_effect=AssertionError("a thread on a GPU"))
+    with _fake_cuda(), no_thread:
+        data = ingest.MemoryData.of_arrays(
+            rows, {k: v[:8] for k, v in rows.items()}, seed=0, rank=0, device=CUDA
+        )
+        with HostSyncCounter(fake_reads=True) as syncs:
+            epochs = [list(data.train_batches(epoch, 8)) for epoch in (0, 1, 2)]
+            val = list(data.val_batches(4))
+    assert all(len(e) == n // 8 for e in epochs) and len(val) == 2
+    assert {b[k].device for e in epochs for b in e for k in b} == {CUDA}
+    assert syncs.total == 0, syncs.sites

@@ -77,6 +77,41 @@ def test_memory_mode_reshuffles_its_shard_per_epoch_from_seed_epoch_rank(synthet
     assert [r for b in val for r in b] == shard["val"]["index"].tolist()
 
 
+def test_memory_mode_batches_are_the_epoch_order_whichever_epochs_came_before(synthetic_store):
+    """Each epoch is laid out once and the next one is gathered ahead (in a thread) from the current
+    layout: batch ``i`` of epoch ``e`` is still the shard's rows ``order_e[i*m:(i+1)*m]``, in turn,
+    replayed, skipped to (a resumed run) or twice in a row, and the batches are slices of one
+    layout (nothing gathered per batch)."""
+    shard, data = _memory(synthetic_store)
+    micro = 8
+    index = shard["train"]["index"]
+
+    def expected(epoch):
+        order = torch.randperm(len(index), generator=ingest.shuffle_generator(0, epoch, 0)).numpy()
+        rows = index[order]
+        return [rows[i : i + micro].tolist() for i in range(0, len(rows) - len(rows) % micro, micro)]
+
+    for epoch in (0, 1, 2, 2, 0, 5, 6):
+        batches = list(data.train_batches(epoch, micro))
+        assert _rows(batches) == expected(epoch), epoch
+        assert len({b["patches"].untyped_storage().data_ptr() for b in batches}) == 1
+        for b in batches[:2]:
+            i = index.tolist().index(b["index"][0].item())
+            assert torch.equal(b["patches"][0], torch.from_numpy(shard["train"]["patches"][i]))
+            assert torch.equal(b["attributes"][0], torch.from_numpy(shard["train"]["attributes"][i]))
+    resumed = _memory(synthetic_store)[1]
+    assert _rows(resumed.train_batches(6, micro)) == expected(6)
+
+
+def test_an_error_in_the_background_gather_reaches_the_training_loop():
+    def fails():
+        raise MemoryError("no room for the next epoch's layout")
+
+    with pytest.raises(MemoryError, match="next epoch"):
+        ingest._Background(fails).result()
+    assert ingest._Background(lambda: 7).result() == 7
+
+
 class _LocalStream(StreamData):
     """Streaming with the reads in this process (the order logic is StreamData's own)."""
 

@@ -27,7 +27,7 @@ Sections, in order (each is skipped, and says so, once the time budget is spent)
     on the exported paper model): patches/s at batch 256 on the device.
 ``data_path``
     The data path at device rates (:func:`data_path_figures`): the ``null`` model's samples/s and
-    data-wait share in memory mode, and one 1-worker training trial alone vs two packed on one GPU
+    data-wait share in memory mode, paired with the in-memory ceiling on the device, and one 1-worker training trial alone vs two packed on one GPU
     (``train.gpus_per_worker=0.5``). Starts an embedded Ray.
 
 The report's ``device`` names the GPU; paste the figures into README's Benchmarks with it.
@@ -118,7 +118,8 @@ def _packed_trials(store: str, preset: str, epochs: int, gpus: float, trials: in
 def data_path_figures(device: torch.device, dry_run: bool) -> dict[str, Any]:
     """Issue 14's data-path figures on this device: the ``null`` model's samples/s and data-wait share
     at device rates (:func:`cliplung.bench.datapath.run_null`, in-memory mode, one worker with the
-    whole device) on a random store, and one 1-worker training trial alone vs two packed on one GPU
+    whole device) on a random store, paired epoch by epoch with the in-memory ceiling on the same
+    device (``reference``), and one 1-worker training trial alone vs two packed on one GPU
     (``train.gpus_per_worker=0.5``; in the dry run, two CPU trials). Starts an embedded Ray."""
     from cliplung.bench.datapath import run_null
     from cliplung.bench.ingest import bench_config
@@ -138,7 +139,7 @@ def data_path_figures(device: torch.device, dry_run: bool) -> dict[str, Any]:
             f"train.epochs={sizes['epochs']}",
             "data.ingest=memory",
         )
-        null = run_null(config, use_gpu=use_gpu)
+        null = run_null(config, use_gpu=use_gpu, reference=True)
         storage = os.path.join(tmp, "runs")
         one = _packed_trials(store, sizes["preset"], sizes["train_epochs"], gpu, 1, storage)
         two = _packed_trials(store, sizes["preset"], sizes["train_epochs"], gpu / 2, 2, storage)
@@ -147,6 +148,8 @@ def data_path_figures(device: torch.device, dry_run: bool) -> dict[str, Any]:
         "null_model_samples_per_s": null["samples_per_s"],
         "null_model_epoch1_samples_per_s": null["epoch1_samples_per_s"],
         "null_model_data_wait_share": null["data_wait_share"],
+        "in_memory_reference_samples_per_s": null["reference_samples_per_s"],
+        "null_model_over_in_memory_reference": null["over_reference"],
         "packing_preset": sizes["preset"],
         "tune_one_trial": one,
         "tune_two_packed_trials": two,

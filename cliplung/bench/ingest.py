@@ -6,18 +6,23 @@ For each store (by default two temporary random stores of ``BENCH_ROWS`` nodules
 
 * **ceilings**, in this process, torch on one thread: ``read_each_epoch`` reads the training rows in
   256-row blocks every epoch, shuffles and augments them; ``in_memory`` has them in memory already
-  and only shuffles and augments. Every path does the same per-batch work
+  and only shuffles and augments (both gather an epoch's order at once, then slice batches:
+  :func:`~cliplung.bench.datapath.in_memory_epoch`). Every path does the same per-batch work
   (:func:`~cliplung.bench.datapath.null_step`: float conversion, flips, rot90, shift, intensity).
 * **worker paths**: a real ``TorchTrainer`` (:func:`~cliplung.bench.datapath.run_null`) in
   ``memory`` mode at 1 and 2 workers, and in ``stream`` mode at 1 worker with 1 and 2 reader
   processes (``data.stream_readers``). Epoch 1 (which includes the workers collecting their
-  shards) is reported on its own; the rate is the median of the later epochs.
+  shards) is reported on its own; the rate is the median of the later epochs. In ``memory`` mode
+  each worker also runs the in-memory ceiling on its own shard, interleaved with the path epoch by
+  epoch (``reference``), for a paired ratio that the machine's drift does not move.
 * **DataLoader**: a PyTorch ``DataLoader`` with 2 worker processes reading one row per item, for
   reference.
 
-Ratios: ``memory`` over ``in_memory`` (target >= 0.8 at 1 worker), ``stream`` over
-``read_each_epoch`` (target >= 0.5), and readers 2 over readers 1. Speed targets are shown, never
-asserted.
+Ratios: ``memory`` over the in-memory ceiling, paired in the same worker
+(``memory_1w_over_in_memory_same_worker``, target >= 0.8; the target is judged on this one) and
+over this process's ceiling measured before Ray starts (``memory_1w_over_in_memory``, which the
+machine's drift between the two moves by tens of percent), ``stream`` over ``read_each_epoch``
+(target >= 0.5), and readers 2 over readers 1. Speed targets are shown, never asserted.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliplung.bench.datapath import null_step, run_null
+from cliplung.bench.datapath import in_memory_epoch, null_step, run_null
 from cliplung.config import Config, load_config
 from cliplung.data.augment import epoch_generator
 from cliplung.data.ingest import _runs, compute_splits, read_block, shuffle_generator
@@ -94,11 +99,8 @@ def _consume(batches, config: Config, epoch: int) -> int:
 
 
 def _shuffled_batches(block: dict[str, np.ndarray], epoch: int, batch: int):
-    tensors = {k: torch.from_numpy(v) for k, v in block.items()}
     order = torch.randperm(len(block["label"]), generator=shuffle_generator(0, epoch, 0))
-    for start in range(0, len(order) - len(order) % batch, batch):
-        idx = order[start : start + batch]
-        yield {k: v.index_select(0, idx) for k, v in tensors.items()}
+    return in_memory_epoch({k: torch.from_numpy(v) for k, v in block.items()}, order, batch)
 
 
 def _rates(epoch_fn, epochs: int) -> dict:
@@ -158,8 +160,15 @@ def _measure_store(store_path: str, batch: int, epochs: int, loader_workers: int
             f"data.stream_readers={readers}",
             f"data.stream_block_rows={BLOCK_ROWS}",
         )
-        r = run_null(cfg)
-        paths[name] = {k: r[k] for k in ("epoch1_samples_per_s", "samples_per_s", "data_wait_share")}
+        r = run_null(cfg, reference=mode == "memory")
+        keep = (
+            "epoch1_samples_per_s",
+            "samples_per_s",
+            "data_wait_share",
+            "reference_samples_per_s",
+            "over_reference",
+        )
+        paths[name] = {k: r[k] for k in keep if k in r}
         paths[name]["driver_setup_s"] = r["driver_setup_s"]
 
     def ratio(a: float, b: float) -> float:
@@ -168,6 +177,8 @@ def _measure_store(store_path: str, batch: int, epochs: int, loader_workers: int
     mem = in_memory["median"]
     read = read_each["median"]
     ratios = {
+        "memory_1w_over_in_memory_same_worker": paths["memory_1w"]["over_reference"],
+        "memory_2w_over_in_memory_same_workers": paths["memory_2w"]["over_reference"],
         "memory_1w_over_in_memory": ratio(paths["memory_1w"]["samples_per_s"], mem),
         "memory_1w_epoch1_over_in_memory": ratio(paths["memory_1w"]["epoch1_samples_per_s"], mem),
         "memory_2w_over_in_memory": ratio(paths["memory_2w"]["samples_per_s"], mem),
@@ -182,7 +193,8 @@ def _measure_store(store_path: str, batch: int, epochs: int, loader_workers: int
         ratios["stream_1reader_over_read_each_epoch"], ratios["stream_2readers_over_read_each_epoch"]
     )
     targets = {
-        "memory_1w_over_in_memory": ratios["memory_1w_over_in_memory"] >= TARGETS["memory_1w_over_in_memory"],
+        "memory_1w_over_in_memory": ratios["memory_1w_over_in_memory_same_worker"]
+        >= TARGETS["memory_1w_over_in_memory"],
         "stream_over_read_each_epoch": best_stream >= TARGETS["stream_over_read_each_epoch"],
         "null_data_wait_share": paths["memory_1w"]["data_wait_share"] < TARGETS["null_data_wait_share"],
     }

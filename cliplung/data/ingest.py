@@ -23,8 +23,11 @@ Training input (``data.ingest``, chosen once per run on the driver by :func:`ing
 * **memory** (stores whose training and validation rows fit ``data.memory_budget_mb`` as float16):
   the driver reads those rows once, in contiguous blocks, and puts each worker's fixed shard into
   Ray's object store as float16 (:func:`build_data_plan`). A worker collects its shard once per run
-  (in its first epoch), keeps it on its device, and every epoch permutes it with a generator seeded
-  by (seed, epoch, rank) and slices micro-batches: no Ray Data, no task, nothing read per epoch.
+  (in its first epoch), keeps it on its device, and every epoch lays it out in that epoch's order
+  (a permutation drawn from (seed, epoch, rank)) and slices micro-batches from the layout; the next
+  epoch's layout is gathered while the current epoch trains (:class:`MemoryData`). No Ray Data, no
+  task, nothing read per epoch; a worker holds its training shard twice (this epoch's layout and
+  the next one's).
 * **stream** (larger stores): each worker reads its fixed shard every epoch in blocks of
   ``data.stream_block_rows`` rows, in a block order drawn from (seed, epoch, rank), through
   ``data.stream_readers`` reader actors of its own (started once per run, no CPU reserved, one
@@ -49,7 +52,8 @@ import collections
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -298,21 +302,79 @@ def _to_tensors(block: dict[str, np.ndarray], device: torch.device) -> dict[str,
     return {k: to_device(torch.from_numpy(np.array(v)), device) for k, v in block.items()}
 
 
-def _slices(tensors: dict[str, torch.Tensor], order: torch.Tensor, size: int, *, drop_last: bool):
-    n = len(order)
+def _views(tensors: dict[str, torch.Tensor], size: int, *, drop_last: bool):
+    n = len(tensors["label"])
     stop = n - n % size if drop_last else n
     for start in range(0, stop, size):
-        idx = order[start : start + size]
-        yield {k: v.index_select(0, idx) for k, v in tensors.items()}
+        yield {k: v[start : start + size] for k, v in tensors.items()}
+
+
+class _Background:
+    """``fn()`` run in a daemon thread; :meth:`result` waits for it and returns its value or
+    raises its error in the caller."""
+
+    def __init__(self, fn) -> None:
+        self._value, self._error = None, None
+        # torch's intra-op thread count (the worker's CPUs) carries over into the thread.
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="cliplung-next-epoch", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as err:  # re-raised in the caller by result()
+            self._error = err
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@dataclass(frozen=True)
+class _EpochLayout:
+    """A worker's training shard permuted into one epoch's order: ``tensors[i]`` is the shard's row
+    ``order[i]``, so the epoch's micro-batches are contiguous slices."""
+
+    order: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+
+    def permuted(self, order: torch.Tensor, *, background: bool = False):
+        """A callable that returns the layout of another ``order`` over the shard's rows, gathered
+        from this one. ``background``: the patches (nearly all the bytes) are gathered in a
+        :class:`_Background` thread, with one call into torch there, so that the thread holds
+        Python's lock as little as it can; the small fields are gathered here."""
+        where = torch.empty_like(self.order)
+        where[self.order] = torch.arange(len(self.order), device=self.order.device)
+        rows = where.index_select(0, order)
+        small = {k: v.index_select(0, rows) for k, v in self.tensors.items() if k != "patches"}
+        patches = self.tensors["patches"]
+        if background:
+            gather = _Background(functools.partial(patches.index_select, 0, rows))
+            return lambda: _EpochLayout(order, {"patches": gather.result(), **small})
+        layout = _EpochLayout(order, {"patches": patches.index_select(0, rows), **small})
+        return lambda: layout
 
 
 class MemoryData:
     """A worker's training input in ``memory`` mode: its shards (object-store refs) collected onto
-    ``device`` at first use, reshuffled per epoch by :func:`shuffle_generator`."""
+    ``device`` at first use, reshuffled per epoch by :func:`shuffle_generator`.
+
+    Each epoch's order is laid out once (:class:`_EpochLayout`): the shard gathered into that
+    order, its micro-batches then contiguous slices, with no gather per batch (on a GPU, three
+    kernels an epoch instead of three a batch). While an epoch trains, the next epoch's layout is
+    gathered from the current one, on a host device in a background thread (on a GPU the gathers
+    are asynchronous already), so the first batch of an epoch does not wait for it. A worker holds
+    two copies of its training shard: the current epoch's and the next one's. The batches are the
+    rows ``order[i * micro : (i + 1) * micro]`` of the shard whichever epoch came before, so a
+    replayed or resumed epoch is the same epoch."""
 
     def __init__(self, train_ref, val_ref, *, seed: int, rank: int, device: torch.device) -> None:
         self._refs = {"train": train_ref, "val": val_ref}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._layout: _EpochLayout | None = None
+        self._next: tuple[int, Callable[[], _EpochLayout]] | None = None
         self.seed, self.rank, self.device = seed, rank, torch.device(device)
 
     @classmethod
@@ -328,17 +390,38 @@ class MemoryData:
             self._refs[name] = None  # the worker's copy is what it reads from now on
         return self._tensors[name]
 
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s order of the shard's rows, on the device."""
+        n = len(self._layout.order) if self._layout is not None else len(self._split("train")["label"])
+        return to_device(
+            torch.randperm(n, generator=shuffle_generator(self.seed, epoch, self.rank)), self.device
+        )
+
+    def _epoch_layout(self, epoch: int) -> _EpochLayout:
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == epoch:
+            layout = ahead[1]()
+        else:  # the run's first epoch, or one out of turn (a replay)
+            if ahead is not None:
+                ahead[1]()  # not left running beside this epoch's gather
+            if self._layout is None:
+                shard = self._split("train")
+                del self._tensors["train"]  # the layouts hold the rows from now on
+                self._layout = _EpochLayout(torch.arange(len(shard["label"]), device=self.device), shard)
+                del shard
+            layout = self._layout.permuted(self.epoch_order(epoch))()
+        self._layout = layout  # the layout it came from is freed here
+        # On a GPU the gathers are asynchronous kernels already: no thread.
+        ready = layout.permuted(self.epoch_order(epoch + 1), background=self.device.type == "cpu")
+        self._next = (epoch + 1, ready)
+        return layout
+
     def train_batches(self, epoch: int, micro: int) -> Iterator[dict[str, torch.Tensor]]:
         """Epoch ``epoch``'s micro-batches (every one full), on the device."""
-        tensors = self._split("train")
-        n = len(tensors["label"])
-        order = torch.randperm(n, generator=shuffle_generator(self.seed, epoch, self.rank))
-        yield from _slices(tensors, to_device(order, self.device), micro, drop_last=True)
+        yield from _views(self._epoch_layout(epoch).tensors, micro, drop_last=True)
 
     def val_batches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
-        tensors = self._split("val")
-        order = torch.arange(len(tensors["label"]), device=self.device)
-        yield from _slices(tensors, order, size, drop_last=False)
+        yield from _views(self._split("val"), size, drop_last=False)
 
 
 @functools.cache
@@ -418,15 +501,11 @@ class StreamData:
             pool = [{k: v[perm[keep:]] for k, v in rows.items()}] if keep < n else []
             if keep:
                 tensors = _to_tensors({k: v[perm[:keep]] for k, v in rows.items()}, self.device)
-                order = torch.arange(keep, device=self.device)
-                yield from _slices(tensors, order, micro, drop_last=True)
+                yield from _views(tensors, micro, drop_last=True)
 
     def val_batches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
         for block in self._blocks(_runs(self.rows["val"], self.block_rows)):
-            tensors = _to_tensors(block, self.device)
-            yield from _slices(
-                tensors, torch.arange(len(block["label"]), device=self.device), size, drop_last=False
-            )
+            yield from _views(_to_tensors(block, self.device), size, drop_last=False)
 
 
 @dataclass(frozen=True)
